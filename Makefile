@@ -1,0 +1,58 @@
+# Every target sets itself up: the virtual environment is created when missing and refreshed
+# when pyproject.toml or constraints.txt change; otherwise it is reused.
+
+PYTHON_BOOT ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+# Tests and CI: tiny profile, never the network, caches and figures kept inside the checkout.
+TEST_ENV    := COURSE_PROFILE=smoke COURSE_OFFLINE=1 COURSE_CACHE=$(CURDIR)/.cache/test \
+               COURSE_FIGURES=$(CURDIR)/.cache/test/figures MPLBACKEND=Agg
+PYTEST_ARGS ?=
+
+.PHONY: help venv test test-unit test-notebooks notebooks reproduce benchmarks readme lint clean
+
+help:
+	@echo "make reproduce   execute every solution notebook (auto profile), refresh figures/, results and README"
+	@echo "make test        unit tests + every solution and student notebook in the smoke profile"
+	@echo "make notebooks   regenerate notebooks/ from solutions/"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# constraints.txt pins the torch build this machine has on disk; Colab users never see it.
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile -p no:cacheprovider \
+		tests --nbval-lax --nbval-current-env solutions notebooks $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile tests $(PYTEST_ARGS)
+
+test-notebooks: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env solutions notebooks $(PYTEST_ARGS)
+
+notebooks: $(STAMP)
+	$(PY) -m course_utils.nbbuild
+
+reproduce: $(STAMP)
+	MPLBACKEND=Agg COURSE_FIGURES=$(CURDIR)/figures $(PY) -m course_utils.nbrun solutions/*.ipynb --profile auto --inplace
+	$(MAKE) benchmarks
+	$(PY) -m course_utils.nbbuild
+
+benchmarks: $(STAMP)
+	@for b in benchmarks/*.py; do echo "== $$b"; MPLBACKEND=Agg $(PY) $$b || exit 1; done
+	$(PY) -m course_utils.report
+
+readme: $(STAMP)
+	$(PY) -m course_utils.report
+
+lint: $(STAMP)
+	$(PY) -m ruff check course_utils tests benchmarks tools
+
+clean:
+	rm -rf .cache .pytest_cache figures/*.png

@@ -1,0 +1,189 @@
+"""Profiles: the one place that holds every size knob of the course.
+
+``COURSE_PROFILE`` picks one of ``smoke`` (CI and tests: tiny, numbers mean nothing),
+``cpu`` (synthetic data and course-sized models, about ten minutes a notebook on two CPU
+cores) or ``full`` (the seed papers' settings, meant for a GPU).  Unset or ``auto`` means
+``full`` when CUDA is available and ``cpu`` otherwise.
+
+Profiles change *sizes only*.  Every notebook runs the same code path in every profile; if you
+find yourself writing ``if profile == ...`` in a notebook, add a knob here instead.
+
+Usage::
+
+    from course_utils.profiles import get_config
+    cfg = get_config()            # the active profile
+    cfg.shapes.image_size         # 512 in full, 128 in cpu, 64 in smoke
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+PROFILE_NAMES = ("smoke", "cpu", "full")
+
+# Each section belongs to one part of the course.  Keys are identical across profiles
+# (a test checks this) so that a notebook never meets a missing knob.
+_PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {
+        # seed 004 Ch. 2 (notebooks 06-07): SVT word spotting with CLIP.  Real SVT when present,
+        # else SynthSVT (100 train / 249 test like the seed); ViT-B/32 fine-tuned with Table 2.5
+        # (Adam 5e-5, betas 0.9/0.98, eps 1e-6, wd 0.2, batch 128), checkpoints at the seed's epochs.
+        "svt": dict(n_train=100, n_test=249, image_size=(640, 480), seed=0, lexicon_size=50,
+                    max_words=3, clip_kind="full", eval_batch_size=128,
+                    ft_epochs=40, ft_batch_size=128, ft_lr=5e-5, ft_betas=(0.9, 0.98), ft_eps=1e-6,
+                    ft_weight_decay=0.2, ft_checkpoints=(1, 2, 3, 4, 5, 7, 20, 40)),
+        # seed 000 §4.1: 5000 images of 512x512, split 4000/500/500, 10-20 shapes each.
+        "shapes": dict(image_size=512, n_train=4000, n_val=500, n_test=500,
+                       min_shapes=10, max_shapes=20, min_size=40, max_size=80),
+        # seed 000 §4.2: 64 px anchors aligned with the MobileNetV2 feature map (stride 32).
+        "anchors": dict(anchor_size=64, stride=32, pos_iou=0.6, neg_iou=0.1,
+                        rpn_batch_per_image=256, n_random_cases=1000),
+        # seed 000 §3.1/§4.2 (notebook 02): RPN on MobileNetV2 features (1280 ch, stride 32,
+        # ImageNet weights when downloadable).  NMS/top-N/beta as torchvision's RPN; the RPN-only
+        # training of notebook 02 uses §4.3's optimiser.
+        "rpn": dict(backbone="mobilenet_v2", backbone_widths=(), pretrained=True, head_channels=256,
+                    box_weight=1.0, smooth_l1_beta=1.0 / 9, pre_nms_top_n=1000, post_nms_top_n=100,
+                    nms_iou=0.7, min_box_size=1.0, conf_thresh=0.5, recall_top_n=(1, 5, 10, 20, 50, 100),
+                    epochs=10, batch_size=32, lr=1e-2, momentum=0.9, weight_decay=1e-5,
+                    lr_step=3, lr_gamma=0.9, grad_clip=10.0),
+        # seed 000 §3.2-3.6/§4.2-4.3 (notebook 03): 2x2 ROI pool, 64-d embeddings, 2 heads / 1 layer
+        # text transformer, 64 hidden alignment MLP; SGD 1e-2 m 0.9 wd 1e-5, StepLR(3, 0.9),
+        # 10 epochs, batch 32.
+        "detector": dict(embed_dim=64, roi_size=2, proposal_channels=256, proposal_hidden=256,
+                         text_heads=2, text_layers=1, text_ff_dim=128, max_query_len=16,
+                         align_hidden=64, align_weight=1.0, align_gt_boxes=True, score_thresh=0.5,
+                         top_k=100, epochs=10, batch_size=32, lr=1e-2, momentum=0.9,
+                         weight_decay=1e-5, lr_step=3, lr_gamma=0.9, grad_clip=10.0),
+        # seed 003 Ch. 3-4 / seed 001 / seed 002 (notebooks 04-05): captioned shapes scenes.
+        # k_fine = 36 regions and 1024-d joint space as in seed 003 §4.4; 300-d word vectors.
+        "retrieval": dict(image_size=224, n_train=10000, n_val=1000, n_test=1000,
+                          min_objects=3, max_objects=5, small_size=(24, 34), large_size=(52, 72),
+                          k_fine=36, backbone_channels=64, backbone_epochs=4, feat_pool=2,
+                          word_dim=300, embed_dim=1024, batch_size=128, epochs=12, lr=2e-4,
+                          margin=0.2, lambda_softmax_t2i=9.0, lambda_softmax_i2t=4.0,
+                          lambda_lse=6.0, warmup_epochs=1, eval_shard=(100, 1000),
+                          loop_images=100, loop_captions=100,
+                          qa_alpha=0.01, qa_heads=8, qa_epochs=12, qa_lr=5e-4,
+                          mm_epochs=6, mm_impostors=1),
+    },
+    "cpu": {
+        "svt": dict(n_train=100, n_test=249, image_size=(480, 360), seed=0, lexicon_size=50,
+                    max_words=3, clip_kind="small", eval_batch_size=64,
+                    ft_epochs=5, ft_batch_size=32, ft_lr=5e-5, ft_betas=(0.9, 0.98), ft_eps=1e-6,
+                    ft_weight_decay=0.2, ft_checkpoints=(1, 2, 3, 4, 5)),
+        "shapes": dict(image_size=128, n_train=2000, n_val=200, n_test=500,
+                       min_shapes=10, max_shapes=20, min_size=10, max_size=20),
+        "anchors": dict(anchor_size=16, stride=8, pos_iou=0.6, neg_iou=0.1,
+                        rpn_batch_per_image=256, n_random_cases=1000),
+        # Notebooks 02-03 at a quarter of the paper's scale (128 px, 16 px anchors, stride 8):
+        # a small from-scratch conv backbone instead of MobileNetV2, same code path.
+        "rpn": dict(backbone="small", backbone_widths=(32, 64, 96, 128), pretrained=False,
+                    head_channels=128, box_weight=1.0, smooth_l1_beta=1.0 / 9, pre_nms_top_n=1000,
+                    post_nms_top_n=100, nms_iou=0.7, min_box_size=1.0, conf_thresh=0.5,
+                    recall_top_n=(1, 5, 10, 20, 50, 100), epochs=6, batch_size=32, lr=3e-2,
+                    momentum=0.9, weight_decay=1e-5, lr_step=3, lr_gamma=0.9, grad_clip=10.0),
+        "detector": dict(embed_dim=64, roi_size=2, proposal_channels=128, proposal_hidden=128,
+                         text_heads=2, text_layers=1, text_ff_dim=128, max_query_len=16,
+                         align_hidden=64, align_weight=1.0, align_gt_boxes=True, score_thresh=0.5,
+                         top_k=100, epochs=8, batch_size=32, lr=3e-2, momentum=0.9,
+                         weight_decay=1e-5, lr_step=3, lr_gamma=0.9, grad_clip=10.0),
+        "retrieval": dict(image_size=64, n_train=3000, n_val=200, n_test=1000,
+                          min_objects=3, max_objects=5, small_size=(7, 10), large_size=(15, 20),
+                          k_fine=8, backbone_channels=32, backbone_epochs=3, feat_pool=2,
+                          word_dim=64, embed_dim=256, batch_size=128, epochs=8, lr=1e-3,
+                          margin=0.2, lambda_softmax_t2i=9.0, lambda_softmax_i2t=4.0,
+                          lambda_lse=6.0, warmup_epochs=1, eval_shard=(100, 1000),
+                          loop_images=40, loop_captions=40,
+                          qa_alpha=0.01, qa_heads=4, qa_epochs=8, qa_lr=1e-3,
+                          mm_epochs=3, mm_impostors=1),
+    },
+    "smoke": {
+        "svt": dict(n_train=6, n_test=8, image_size=(160, 120), seed=0, lexicon_size=50,
+                    max_words=3, clip_kind="small", eval_batch_size=16,
+                    ft_epochs=1, ft_batch_size=8, ft_lr=5e-5, ft_betas=(0.9, 0.98), ft_eps=1e-6,
+                    ft_weight_decay=0.2, ft_checkpoints=(1,)),
+        "shapes": dict(image_size=64, n_train=32, n_val=8, n_test=8,
+                       min_shapes=10, max_shapes=20, min_size=5, max_size=10),
+        "anchors": dict(anchor_size=8, stride=4, pos_iou=0.6, neg_iou=0.1,
+                        rpn_batch_per_image=64, n_random_cases=50),
+        "rpn": dict(backbone="small", backbone_widths=(8, 16), pretrained=False,
+                    head_channels=16, box_weight=1.0, smooth_l1_beta=1.0 / 9, pre_nms_top_n=200,
+                    post_nms_top_n=30, nms_iou=0.7, min_box_size=1.0, conf_thresh=0.5,
+                    recall_top_n=(1, 5, 10, 30), epochs=1, batch_size=8, lr=1e-2,
+                    momentum=0.9, weight_decay=1e-5, lr_step=3, lr_gamma=0.9, grad_clip=10.0),
+        "detector": dict(embed_dim=16, roi_size=2, proposal_channels=16, proposal_hidden=16,
+                         text_heads=2, text_layers=1, text_ff_dim=32, max_query_len=16,
+                         align_hidden=16, align_weight=1.0, align_gt_boxes=True, score_thresh=0.5,
+                         top_k=30, epochs=1, batch_size=8, lr=1e-2, momentum=0.9,
+                         weight_decay=1e-5, lr_step=3, lr_gamma=0.9, grad_clip=10.0),
+        "retrieval": dict(image_size=48, n_train=48, n_val=16, n_test=24,
+                          min_objects=2, max_objects=3, small_size=(6, 8), large_size=(12, 15),
+                          k_fine=4, backbone_channels=8, backbone_epochs=1, feat_pool=2,
+                          word_dim=16, embed_dim=32, batch_size=16, epochs=1, lr=1e-3,
+                          margin=0.2, lambda_softmax_t2i=9.0, lambda_softmax_i2t=4.0,
+                          lambda_lse=6.0, warmup_epochs=0, eval_shard=(16, 64),
+                          loop_images=6, loop_captions=8,
+                          qa_alpha=0.01, qa_heads=2, qa_epochs=1, qa_lr=1e-3,
+                          mm_epochs=1, mm_impostors=1),
+    },
+}
+
+
+class Section(dict):
+    """A dict whose keys can also be read as attributes (``cfg.shapes.image_size``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(
+                f"profile section has no knob {name!r}; known knobs: {sorted(self)}"
+            ) from None
+
+
+class Config(dict):
+    """The active profile: ``cfg.name`` plus one :class:`Section` per part of the course."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(
+                f"profile has no section {name!r}; known sections: {sorted(self)}"
+            ) from None
+
+
+def resolve_profile_name(name: str | None = None) -> str:
+    """Return the profile to use: ``name``, else ``$COURSE_PROFILE``, else auto.
+
+    Auto is ``full`` when CUDA is available, otherwise ``cpu``.
+    """
+    if name is None:
+        name = os.environ.get("COURSE_PROFILE", "auto")
+    name = name.strip().lower()
+    if name in ("", "auto"):
+        import torch
+
+        return "full" if torch.cuda.is_available() else "cpu"
+    if name not in PROFILE_NAMES:
+        raise ValueError(
+            f"COURSE_PROFILE={name!r} is not a profile; expected one of "
+            f"{', '.join(PROFILE_NAMES)} or 'auto'"
+        )
+    return name
+
+
+def get_config(name: str | None = None) -> Config:
+    """Return the knobs of profile ``name`` (default: the active profile) as a :class:`Config`."""
+    resolved = resolve_profile_name(name)
+    sections = copy.deepcopy(_PROFILES[resolved])
+    cfg = Config({k: Section(v) for k, v in sections.items()})
+    cfg["name"] = resolved
+    return cfg
+
+
+def all_profiles() -> dict[str, Config]:
+    """Every profile by name (used by the consistency test and the README table)."""
+    return {n: get_config(n) for n in PROFILE_NAMES}

@@ -1,0 +1,855 @@
+"""The one training loop every notebook uses: progress, history, checkpoints, exact resume.
+
+Every notebook trains through :func:`fit`::
+
+    def step_fn(model, batch):                       # batch is already on the device
+        images, targets = batch
+        losses = model(images, targets)              # e.g. {"rpn": ..., "align": ...}
+        return {"loss": losses["rpn"] + losses["align"], **losses}
+
+    history = fit(model, step_fn, train_set, epochs=cfg.train.epochs, batch_size=8,
+                  optimizer=torch.optim.AdamW(model.parameters(), 1e-3),
+                  val_set=val_set, ckpt_dir="runs/03_align")
+    history.plot()
+
+Why it looks the way it does:
+
+* **Exact resume.**  A Colab runtime can disconnect at any time.  Each epoch ends with a
+  checkpoint holding the model, optimizer, scheduler, :class:`History` and every RNG state
+  (torch CPU/CUDA, NumPy, Python ``random``).  The shuffling order of epoch ``e`` depends only on
+  ``(seed, e)`` (a fresh generator seeded with ``seed + e``), so an interrupted and resumed run
+  ends with the same weights, bit for bit on CPU, as one that never stopped.
+* **Safe files.**  Checkpoints load with ``torch.load(..., weights_only=True)`` (no arbitrary
+  pickles), are written atomically (temporary file + ``os.replace``), and a truncated or foreign
+  file raises :class:`CheckpointError` that names the file and says what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .env import seed_everything
+
+if TYPE_CHECKING:  # matplotlib is imported lazily: training must not need a display
+    from matplotlib.axes import Axes
+
+__all__ = [
+    "CHECKPOINT_FORMAT_VERSION",
+    "CheckpointError",
+    "History",
+    "StepFn",
+    "batch_size_of",
+    "checkpoint_path",
+    "evaluate",
+    "fit",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+    "to_device",
+]
+
+#: Bumped whenever the layout of the checkpoint dict changes incompatibly.
+CHECKPOINT_FORMAT_VERSION = 1
+
+#: ``step_fn(model, batch) -> {"loss": scalar tensor, "<component>": scalar tensor, ...}``
+StepFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
+
+_CKPT_NAME = re.compile(r"^epoch_(\d{3,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read, or does not fit the model it is loaded into."""
+
+
+# --------------------------------------------------------------------------------------------
+# History
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class History:
+    """Per-epoch records of one training run (epochs are 1-based).
+
+    Attributes:
+        epochs: the epoch numbers, ``[1, 2, ...]``.
+        train: metric name -> one value per epoch, averaged over the epoch's training batches
+            (weighted by batch size).  Always contains ``"loss"``.
+        val: the same for the validation set; empty when ``fit`` got no ``val_set``.
+        lr: learning rate of the first parameter group during each epoch.
+        wall_s: wall-clock seconds of each epoch (training + validation).  This is the only
+            field that is not reproducible; compare runs with :meth:`numbers`.
+    """
+
+    epochs: list[int] = field(default_factory=list)
+    train: dict[str, list[float]] = field(default_factory=dict)
+    val: dict[str, list[float]] = field(default_factory=dict)
+    lr: list[float] = field(default_factory=list)
+    wall_s: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    def append(
+        self,
+        epoch: int,
+        train: Mapping[str, float],
+        val: Mapping[str, float] | None,
+        lr: float,
+        wall_s: float,
+    ) -> None:
+        """Add one epoch's record; a metric missing in some epochs is stored as NaN there."""
+        self.epochs.append(int(epoch))
+        _append_metrics(self.train, train, len(self.epochs))
+        if val:
+            _append_metrics(self.val, val, len(self.epochs))
+        self.lr.append(float(lr))
+        self.wall_s.append(float(wall_s))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain ints, floats, lists and dicts only, so ``torch.load(weights_only=True)`` and
+        ``json.dump`` both accept it."""
+        return {
+            "epochs": [int(e) for e in self.epochs],
+            "train": {k: [float(x) for x in v] for k, v in self.train.items()},
+            "val": {k: [float(x) for x in v] for k, v in self.val.items()},
+            "lr": [float(x) for x in self.lr],
+            "wall_s": [float(x) for x in self.wall_s],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> History:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            epochs=[int(e) for e in d.get("epochs", [])],
+            train={k: [float(x) for x in v] for k, v in d.get("train", {}).items()},
+            val={k: [float(x) for x in v] for k, v in d.get("val", {}).items()},
+            lr=[float(x) for x in d.get("lr", [])],
+            wall_s=[float(x) for x in d.get("wall_s", [])],
+        )
+
+    def numbers(self) -> dict[str, Any]:
+        """Everything except wall-clock times: two runs with the same seed give equal dicts."""
+        d = self.to_dict()
+        del d["wall_s"]
+        return d
+
+    def best(self, key: str = "loss", split: str = "val", mode: str = "min") -> tuple[int, float]:
+        """Return ``(epoch, value)`` of the best epoch for ``split``'s metric ``key``.
+
+        Falls back to the training metric when no validation was recorded.  ``mode="max"`` for
+        metrics where larger is better (precision, recall).
+        """
+        series = (self.val if split == "val" and self.val else self.train).get(key)
+        if not series:
+            known = sorted(set(self.train) | set(self.val))
+            raise KeyError(f"history has no metric {key!r}; known metrics: {known}")
+        values = np.asarray(series, dtype=float)
+        i = int(np.nanargmin(values) if mode == "min" else np.nanargmax(values))
+        return self.epochs[i], float(values[i])
+
+    def plot(self, keys: Sequence[str] | None = None, ax: Axes | None = None) -> Axes:
+        """Plot each metric per epoch: training solid, validation dashed, one colour per key.
+
+        Args:
+            keys: metrics to draw; default every training metric (``"loss"`` first).
+            ax: axes to draw into; a new figure is made when ``None``.
+        """
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(5.5, 3.5))
+        if keys is None:
+            keys = sorted(self.train, key=lambda k: (k != "loss", k))
+        colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+        for i, key in enumerate(keys):
+            color = colors[i % len(colors)]
+            if key in self.train:
+                ax.plot(self.epochs, self.train[key], "-o", ms=3, color=color, label=f"train {key}")
+            if key in self.val:
+                ax.plot(self.epochs, self.val[key], "--s", ms=3, color=color, label=f"val {key}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss" if list(keys) == ["loss"] else "value")
+        # Epochs are integers; fractional ticks would only confuse.
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        return ax
+
+
+def _append_metrics(store: dict[str, list[float]], new: Mapping[str, float], n: int) -> None:
+    """Append ``new`` to ``store`` so that every series has length ``n`` (NaN where absent)."""
+    for key in new:
+        store.setdefault(key, [math.nan] * (n - 1))
+    for key, series in store.items():
+        series.append(float(new.get(key, math.nan)))
+
+
+# --------------------------------------------------------------------------------------------
+# RNG states, in a form torch.load(weights_only=True) accepts
+# --------------------------------------------------------------------------------------------
+
+
+def _get_rng_state() -> dict[str, Any]:
+    """Capture every global RNG as tensors, ints, floats and lists (no NumPy arrays, no
+    tuples of arbitrary objects) so the checkpoint needs no pickle to load."""
+    bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    version, py_state, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "bit_generator": str(bit_generator),
+            # uint32 keys stored as int64 to stay within the dtypes every torch version saves.
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": int(version), "state": [int(x) for x in py_state],
+                   "gauss_next": gauss_next},
+        "cuda": [],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`_get_rng_state`."""
+    torch.set_rng_state(state["torch"].cpu())
+    npst = state["numpy"]
+    np.random.set_state((
+        npst["bit_generator"],
+        npst["keys"].numpy().astype(np.uint32),
+        npst["pos"],
+        npst["has_gauss"],
+        npst["cached_gaussian"],
+    ))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available():
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+        else:
+            warnings.warn(
+                f"checkpoint holds RNG states for {len(cuda_states)} GPUs but this machine has "
+                f"{torch.cuda.device_count()}; CUDA random numbers will differ after resume.",
+                stacklevel=3,
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint files
+# --------------------------------------------------------------------------------------------
+
+
+def checkpoint_path(ckpt_dir: str | Path, epoch: int) -> Path:
+    """``ckpt_dir/epoch_{epoch:03d}.pt`` (epochs are 1-based)."""
+    return Path(ckpt_dir) / f"epoch_{epoch:03d}.pt"
+
+
+def list_checkpoints(ckpt_dir: str | Path | None) -> dict[int, Path]:
+    """Map epoch -> checkpoint file for every ``epoch_NNN.pt`` in ``ckpt_dir`` (temporary files
+    of an interrupted save are ignored)."""
+    if ckpt_dir is None or not Path(ckpt_dir).is_dir():
+        return {}
+    found = {}
+    for p in Path(ckpt_dir).iterdir():
+        m = _CKPT_NAME.match(p.name)
+        if m and p.is_file():
+            found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def latest_checkpoint(ckpt_dir: str | Path | None) -> Path | None:
+    """The checkpoint of the highest epoch in ``ckpt_dir``, or ``None`` when there is none."""
+    ckpts = list_checkpoints(ckpt_dir)
+    return ckpts[max(ckpts)] if ckpts else None
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    epoch: int,
+    history: History | Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically and return its path.
+
+    The file holds ``format_version``, ``epoch``, the state dicts of ``model``, ``optimizer`` and
+    ``scheduler``, the history, the RNG states of torch/NumPy/Python and ``extra`` (which must
+    itself contain only tensors and plain Python values so that ``weights_only`` loading works).
+
+    It is written to a temporary file in the same folder, flushed to disk and renamed over
+    ``path``: a runtime that dies mid-save leaves the previous checkpoint intact instead of a
+    truncated file under the real name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hist = history.to_dict() if isinstance(history, History) else dict(history)
+    payload = {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "epoch": int(epoch),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "history": hist,
+        "rng": _get_rng_state(),
+        "extra": dict(extra or {}),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    map_location: str | torch.device = "cpu",
+    restore_rng: bool = False,
+) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` and load it into the given objects.
+
+    Args:
+        path: the ``.pt`` file.
+        model, optimizer, scheduler: loaded in place when given (strictly for the model).
+        map_location: where tensors land before being copied into ``model``.
+        restore_rng: also restore the global RNG states (``fit`` does this to resume exactly).
+
+    Returns:
+        The checkpoint dict: ``epoch``, ``model``/``optimizer``/``scheduler`` state dicts,
+        ``history`` (as a :class:`History`), ``rng``, ``extra``, ``format_version``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: the file is truncated, corrupt or not a course checkpoint, or its
+            weights do not fit ``model`` (the message names the missing / unexpected keys).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = _read_checkpoint(path, map_location)
+    if model is not None:
+        _load_model_state(model, ckpt["model"], path)
+    if optimizer is not None and ckpt.get("optimizer") is not None:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{path}: optimizer state does not fit this optimizer ({e}). Build the optimizer "
+                "over the same parameters, in the same order, as when the checkpoint was written."
+            ) from None
+    if scheduler is not None and ckpt.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if restore_rng:
+        _set_rng_state(ckpt["rng"])
+    ckpt["history"] = History.from_dict(ckpt.get("history") or {})
+    return ckpt
+
+
+def _read_checkpoint(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with every failure turned into a CheckpointError."""
+    advice = (
+        "It is probably truncated (a save interrupted before the atomic rename was introduced, a "
+        "partial copy or download) or not a course checkpoint. Delete it and rerun: training "
+        "resumes from the previous epoch's checkpoint."
+    )
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... here
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(e).__name__}: {reason}). {advice}"
+        ) from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(
+            f"{path} loads, but is not a checkpoint written by course_utils.train (it lacks "
+            f"'format_version'/'model'). {advice}"
+        )
+    if int(ckpt["format_version"]) > CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {ckpt['format_version']}, newer than this "
+            f"course_utils understands ({CHECKPOINT_FORMAT_VERSION}); update course_utils."
+        )
+    return ckpt
+
+
+def _load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """``model.load_state_dict(state)`` with a message that lists what does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_head(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_head(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches {_head(shapes)}")
+        raise CheckpointError(
+            f"{path}: weights do not fit {type(model).__name__}: " + "; ".join(parts)
+            + ". Was the checkpoint written for a different model or profile?"
+        )
+    model.load_state_dict(state)
+
+
+def _head(items: Sequence[str], n: int = 8) -> str:
+    """``[a, b, c] (+N more)`` so that a 200-key mismatch stays readable."""
+    shown = ", ".join(items[:n])
+    return f"[{shown}]" + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def _prune_checkpoints(ckpt_dir: Path, keep_epochs: set[int], latest: int) -> None:
+    """Delete checkpoints not in ``keep_epochs``; the latest always stays so resume works."""
+    for epoch, p in list_checkpoints(ckpt_dir).items():
+        if epoch != latest and epoch not in keep_epochs:
+            p.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in ``batch`` (nested tuples, lists, dicts) to ``device``; anything
+    else (strings, ints) passes through unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_size_of(batch: Any) -> int:
+    """Number of examples in ``batch``, used to weight per-batch averages (a short last batch
+    counts less).
+
+    Convention: a tensor's first dimension; a dict's first value; a tuple/list is a batch of
+    fields (``(images, targets)``), sized by its first field, where a field that is itself a
+    list/tuple (per-image tensors of different sizes) counts by its length; a list of dicts is a
+    list of examples.  When this guess is wrong for a batch layout, return the size from
+    ``step_fn`` as ``"batch_size"`` (used for weighting, not logged).
+    """
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, Mapping):
+        return batch_size_of(next(iter(batch.values()))) if batch else 1
+    if isinstance(batch, (list, tuple)) and batch:
+        first = batch[0]
+        if isinstance(first, torch.Tensor):
+            return batch_size_of(first)
+        if isinstance(first, (list, tuple)):
+            return len(first)
+        if isinstance(first, Mapping) and not all(isinstance(b, Mapping) for b in batch):
+            return batch_size_of(first)
+        return len(batch)
+    return 1
+
+
+def _check_step_output(out: Any, where: str) -> tuple[dict[str, torch.Tensor], int | None]:
+    """Validate what ``step_fn`` returned, with a message a student can act on.
+
+    Returns the metrics to log and the ``"batch_size"`` entry if ``step_fn`` gave one.
+    """
+    if not isinstance(out, Mapping) or "loss" not in out:
+        got = sorted(out) if isinstance(out, Mapping) else type(out).__name__
+        raise TypeError(
+            f"step_fn must return a dict with a 'loss' entry (plus optional components such "
+            f"as 'rpn'), got {got} {where}"
+        )
+    metrics = {}
+    n = out.get("batch_size")
+    for k, v in out.items():
+        if k == "batch_size":
+            continue
+        if isinstance(v, torch.Tensor) and v.numel() != 1:
+            raise ValueError(
+                f"step_fn returned {k!r} with shape {tuple(v.shape)} {where}; every entry must "
+                "be a scalar (reduce it with .mean() or .sum())"
+            )
+        metrics[k] = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+    return metrics, (int(n) if n is not None else None)
+
+
+# --------------------------------------------------------------------------------------------
+# fit
+# --------------------------------------------------------------------------------------------
+
+
+def fit(
+    model: nn.Module,
+    step_fn: StepFn,
+    train_set: Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None = None,
+    val_set: Dataset | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    ckpt_dir: str | Path | None = None,
+    resume: bool = True,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    keep_epochs: Iterable[int] | None = None,
+    max_steps: int | None = None,
+    grad_clip: float | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    on_epoch_end: Callable[[int, History], None] | None = None,
+) -> History:
+    """Train ``model`` for ``epochs`` epochs, checkpointing every epoch, and return its History.
+
+    Each step: the batch (a tensor or nested tuple/list/dict of tensors, shapes as produced by
+    ``collate_fn``) is moved to ``device``, ``step_fn(model, batch)`` returns a dict of scalar
+    tensors (plus, optionally, ``"batch_size"``: see :func:`batch_size_of`), ``out["loss"]`` is
+    back-propagated (gradients clipped to ``grad_clip`` in total L2 norm when given) and the
+    optimizer steps.  Every other entry of the dict is logged too.  After each
+    epoch the same ``step_fn`` runs on ``val_set`` under ``model.eval()`` and ``torch.no_grad()``,
+    the scheduler steps once (``ReduceLROnPlateau`` gets the validation loss, or the training
+    loss without validation), a line is printed and ``ckpt_dir/epoch_{e:03d}.pt`` is written.
+
+    Args:
+        model: the network; moved to ``device``.
+        step_fn: ``(model, batch) -> {"loss": scalar, **components}``.
+        train_set, val_set: map-style datasets.
+        epochs: total number of epochs of the run (not "more epochs"): a resumed run trains
+            only the epochs that are missing.
+        batch_size: examples per step; the last batch may be smaller.
+        optimizer, scheduler: built by the caller over ``model``'s parameters.
+        collate_fn: passed to the DataLoader (e.g. to keep per-image box lists).
+        ckpt_dir: where checkpoints go; ``None`` disables checkpointing (and resuming).
+        resume: continue from the latest checkpoint in ``ckpt_dir`` if there is one.  With
+            ``resume=False`` old checkpoints there are removed and training starts over.
+        seed: a fresh run seeds Python, NumPy and torch with it; epoch ``e`` shuffles with a
+            generator seeded ``seed + e``.  Same seed, same data, same model init -> same run.
+        device: where to train; default the device of the model's parameters.
+        keep_epochs: if given, only these epochs' checkpoints (and always the latest) are kept.
+        max_steps: stop after this many optimizer steps in this call, mid-epoch and without
+            writing a checkpoint: simulates a runtime that disconnected.
+        grad_clip: maximum total gradient norm, or ``None`` for no clipping.
+        progress: show a ``tqdm`` bar per epoch.
+        desc: label of the progress bar and the printed lines.
+        on_epoch_end: called as ``on_epoch_end(epoch, history)`` after each checkpoint.
+
+    Returns:
+        The run's :class:`History`, including epochs restored from a checkpoint.
+
+    Note:
+        The scheduler steps per epoch, never per batch: use epoch-based schedules (StepLR,
+        CosineAnnealingLR with ``T_max=epochs``, ReduceLROnPlateau).  Build and initialise the
+        model *before* calling ``fit`` (after ``seed_everything``): ``fit`` re-seeds the global
+        RNGs at the start of a fresh run, so only the init is up to the caller.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(train_set) == 0:  # type: ignore[arg-type]
+        raise ValueError("train_set is empty: there is nothing to train on")
+
+    device = _resolve_device(model, device)
+    model.to(device)
+    ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
+    keep = set(int(e) for e in keep_epochs) if keep_epochs is not None else None
+    run_info = {"seed": int(seed), "batch_size": int(batch_size), "epochs": int(epochs)}
+
+    history, start_epoch = _start_or_resume(
+        model, optimizer, scheduler, ckpt_dir, resume, seed, batch_size, epochs, desc
+    )
+    if start_epoch > epochs:
+        return history
+
+    steps_left = max_steps
+    for epoch in range(start_epoch, epochs + 1):
+        t0 = time.perf_counter()
+        lr = float(optimizer.param_groups[0]["lr"])
+        train_metrics, steps_left = _train_one_epoch(
+            model, step_fn, train_set, optimizer, device,
+            batch_size=batch_size, collate_fn=collate_fn, seed=seed, epoch=epoch,
+            epochs=epochs, grad_clip=grad_clip, steps_left=steps_left,
+            progress=progress, desc=desc,
+        )
+        if train_metrics is None:  # max_steps reached mid-epoch: behave like a crash
+            print(f"[{desc}] stopped after max_steps={max_steps} optimizer steps in epoch "
+                  f"{epoch}; no checkpoint written for it (rerun to resume).")
+            return history
+        val_metrics = (
+            evaluate(model, step_fn, val_set, batch_size=batch_size, collate_fn=collate_fn,
+                     device=device)
+            if val_set is not None else None
+        )
+        _step_scheduler(scheduler, val_metrics or train_metrics)
+        history.append(epoch, train_metrics, val_metrics, lr, time.perf_counter() - t0)
+        print(_epoch_line(desc, epoch, epochs, train_metrics, val_metrics, lr, history.wall_s[-1]))
+
+        if ckpt_dir is not None:
+            save_checkpoint(checkpoint_path(ckpt_dir, epoch), model=model, optimizer=optimizer,
+                            scheduler=scheduler, epoch=epoch, history=history,
+                            extra={"fit": run_info})
+            if keep is not None:
+                _prune_checkpoints(ckpt_dir, keep, latest=epoch)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, history)
+    return history
+
+
+def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """The requested device, else where the model's parameters already are, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _start_or_resume(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None,
+    ckpt_dir: Path | None,
+    resume: bool,
+    seed: int,
+    batch_size: int,
+    epochs: int,
+    desc: str,
+) -> tuple[History, int]:
+    """Load the latest checkpoint (exact resume) or seed a fresh run.
+
+    Returns the history so far and the first epoch still to train (``> epochs`` when done).
+    """
+    existing = list_checkpoints(ckpt_dir)
+    if existing and not resume:
+        # Stale files from an older run would be picked up by a later resume: remove them.
+        print(f"[{desc}] resume=False: removing {len(existing)} old checkpoint(s) in {ckpt_dir}")
+        for p in existing.values():
+            p.unlink(missing_ok=True)
+        existing = {}
+    if not existing:
+        seed_everything(seed, deterministic=False)
+        return History(), 1
+
+    path = existing[max(existing)]
+    ckpt = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler,
+                           restore_rng=True)
+    done = int(ckpt["epoch"])
+    stored = (ckpt.get("extra") or {}).get("fit") or {}
+    for key, now in (("seed", seed), ("batch_size", batch_size)):
+        if key in stored and stored[key] != now:
+            warnings.warn(
+                f"{path} was written with {key}={stored[key]} but fit now has {key}={now}; the "
+                "resumed run will not match an uninterrupted one.", stacklevel=3,
+            )
+    history: History = ckpt["history"]
+    if done >= epochs:
+        extra = f" (it holds {done} epochs, more than the {epochs} asked for)" if done > epochs else ""
+        print(f"[{desc}] already done: loaded {path}{extra}; returning its history without "
+              f"training. Delete {ckpt_dir} or pass resume=False to train again.")
+        return history, epochs + 1
+    print(f"[{desc}] resumed from {path}: continuing at epoch {done + 1}/{epochs}")
+    return history, done + 1
+
+
+def _make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    collate_fn: Callable[[list[Any]], Any] | None,
+    shuffle_seed: int | None,
+) -> DataLoader:
+    """A single-process DataLoader; with ``shuffle_seed`` the order depends on it alone.
+
+    ``num_workers=0`` because worker processes would bring their own RNG streams (and are slow
+    to start on two CPU cores) and would make resume depend on more than ``(seed, epoch)``.
+    """
+    generator = None
+    if shuffle_seed is not None:
+        generator = torch.Generator()
+        generator.manual_seed(shuffle_seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle_seed is not None,
+                      generator=generator, collate_fn=collate_fn, num_workers=0)
+
+
+def _train_one_epoch(
+    model: nn.Module,
+    step_fn: StepFn,
+    train_set: Dataset,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    batch_size: int,
+    collate_fn: Callable[[list[Any]], Any] | None,
+    seed: int,
+    epoch: int,
+    epochs: int,
+    grad_clip: float | None,
+    steps_left: int | None,
+    progress: bool,
+    desc: str,
+) -> tuple[dict[str, float] | None, int | None]:
+    """One pass over ``train_set``.
+
+    Returns the epoch's batch-size-weighted mean metrics (``None`` if ``steps_left`` ran out
+    before the epoch ended) and the remaining step budget.
+    """
+    from tqdm.auto import tqdm
+
+    model.train()
+    loader = _make_loader(train_set, batch_size, collate_fn, shuffle_seed=seed + epoch)
+    sums: dict[str, torch.Tensor] = {}
+    n_seen = 0
+    bar = tqdm(loader, desc=f"{desc} {epoch}/{epochs}", disable=not progress, leave=False)
+    # Refreshing the postfix needs .item(), a GPU sync: do it ~20 times an epoch, not every step.
+    refresh_every = max(1, len(loader) // 20)
+    try:
+        for step, batch in enumerate(bar):
+            if steps_left is not None and steps_left <= 0:
+                return None, 0
+            batch = to_device(batch, device)
+            optimizer.zero_grad(set_to_none=True)
+            out, n = _check_step_output(step_fn(model, batch), f"(epoch {epoch}, step {step})")
+            n = n if n is not None else batch_size_of(batch)
+            loss = out["loss"]
+            if not loss.requires_grad:
+                raise RuntimeError(
+                    "step_fn's 'loss' does not require grad: it was computed under "
+                    "torch.no_grad() or from detached tensors, so nothing can be trained."
+                )
+            loss.backward()
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            if steps_left is not None:
+                steps_left -= 1
+            _accumulate(sums, out, n)
+            n_seen += n
+            if step % refresh_every == 0:
+                running = (sums["loss"] / n_seen).item()
+                _check_finite(running, epoch, step)
+                bar.set_postfix(loss=f"{running:.4f}")
+    finally:
+        bar.close()
+    metrics = {k: (v / n_seen).item() for k, v in sums.items()}
+    _check_finite(metrics["loss"], epoch, step)
+    return metrics, steps_left
+
+
+def _check_finite(running_loss: float, epoch: int, step: int) -> None:
+    """Stop at a NaN/inf loss instead of training on garbage.  Checked only when the running
+    loss is read anyway (a check per step would force a GPU sync per step)."""
+    if not math.isfinite(running_loss):
+        raise FloatingPointError(
+            f"the training loss became {running_loss} in epoch {epoch} (by step {step}): lower "
+            "the learning rate, set grad_clip, or check the inputs and targets."
+        )
+
+
+def _accumulate(sums: dict[str, torch.Tensor], out: Mapping[str, torch.Tensor], n: int) -> None:
+    """Add ``n * value`` of each metric; stays on the device to avoid a sync per step."""
+    for k, v in out.items():
+        v = v.detach().float() * n
+        sums[k] = sums[k] + v.to(sums[k].device) if k in sums else v
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    step_fn: StepFn,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Mean of ``step_fn``'s metrics over ``dataset`` in eval mode (weighted by batch size).
+
+    The model is put back in training mode afterwards only if it was in it before.
+    """
+    device = _resolve_device(model, device)
+    was_training = model.training
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    n_seen = 0
+    try:
+        for step, batch in enumerate(_make_loader(dataset, batch_size, collate_fn, None)):
+            batch = to_device(batch, device)
+            out, n = _check_step_output(step_fn(model, batch), f"(validation step {step})")
+            n = n if n is not None else batch_size_of(batch)
+            _accumulate(sums, out, n)
+            n_seen += n
+    finally:
+        model.train(was_training)
+    if n_seen == 0:
+        raise ValueError("the validation set is empty")
+    return {k: (v / n_seen).item() for k, v in sums.items()}
+
+
+def _step_scheduler(scheduler: Any | None, metrics: Mapping[str, float]) -> None:
+    """Step once per epoch; ReduceLROnPlateau needs the monitored value."""
+    if scheduler is None:
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(metrics["loss"])
+    else:
+        scheduler.step()
+
+
+def _epoch_line(
+    desc: str,
+    epoch: int,
+    epochs: int,
+    train: Mapping[str, float],
+    val: Mapping[str, float] | None,
+    lr: float,
+    wall_s: float,
+) -> str:
+    """``[train] epoch 2/10  train loss 0.4123 (rpn 0.2 align 0.2)  val loss ...  lr 1e-03  3.1s``"""
+
+    def fmt(m: Mapping[str, float]) -> str:
+        parts = [f"loss {m['loss']:.4f}"]
+        comps = [f"{k} {v:.4f}" for k, v in m.items() if k != "loss"]
+        return " ".join(parts) + (f" ({' '.join(comps)})" if comps else "")
+
+    line = f"[{desc}] epoch {epoch}/{epochs}  train {fmt(train)}"
+    if val:
+        line += f"  val {fmt(val)}"
+    return line + f"  lr {lr:.2e}  {wall_s:.1f}s"

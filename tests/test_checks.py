@@ -1,0 +1,99 @@
+"""Exercise checks: pass the reference, catch wrong answers, fall back, hide hidden values."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from course_utils import boxes as B
+from course_utils import checks
+from course_utils.checks import nb01
+
+
+def test_reference_implementations_pass_every_check(capsys):
+    assert nb01.check_box_iou(B.box_iou) is B.box_iou
+    assert nb01.check_anchor_grid(B.anchor_grid) is B.anchor_grid
+    assert nb01.check_label_anchors(B.label_anchors) is B.label_anchors
+    assert nb01.check_sample_anchors(B.sample_anchors) is B.sample_anchors
+    assert nb01.check_box_coding(B.encode_boxes, B.decode_boxes) == (B.encode_boxes, B.decode_boxes)
+    out = capsys.readouterr().out
+    assert out.count("cases passed") == 5
+    assert [checks.RESULTS[e].passed for e in nb01.EXERCISES] == [True] * 5
+
+
+def test_unfinished_exercise_falls_back_and_says_so(capsys):
+    def box_iou(a, b):
+        raise NotImplementedError
+
+    assert nb01.check_box_iou(box_iou) is B.box_iou
+    out = capsys.readouterr().out
+    assert "not implemented yet" in out and "course_utils.boxes.box_iou" in out
+    r = checks.RESULTS["1.1 box_iou"]
+    assert not r.implemented and not r.passed
+
+
+def test_wrong_answer_names_case_and_shape(capsys):
+    def transposed(a, b):
+        return B.box_iou(a, b).T
+
+    assert nb01.check_box_iou(transposed) is B.box_iou
+    out = capsys.readouterr().out
+    assert "case '7 x 5 random boxes': output: expected shape (7, 5), got (5, 7)" in out
+
+
+def test_hidden_cases_catch_hard_coding_without_showing_values(capsys):
+    printed = {}
+
+    def memoriser(a, b):
+        # Pretend to have copied the printed expectations: right on printed cases only.
+        key = (tuple(a.shape), tuple(b.shape))
+        if key in printed:
+            return printed[key]
+        return torch.zeros(a.shape[0], b.shape[0]) + 0.5
+
+    g = torch.Generator().manual_seed(101)
+    for a, b in [(torch.rand(7, 4, generator=g), torch.rand(5, 4, generator=g))]:
+        printed[(tuple(a.shape), tuple(b.shape))] = None
+    assert nb01.check_box_iou(memoriser) is B.box_iou
+    out = capsys.readouterr().out
+    hidden_lines = [line for line in out.splitlines() if "a hidden case" in line]
+    assert hidden_lines and all("expected" not in line.split(":", 2)[-1] or "shape" in line
+                                for line in hidden_lines)
+    assert all("got 0.5" not in line for line in hidden_lines)
+
+
+def test_student_exception_is_reported_not_raised(capsys):
+    def broken(a, b):
+        return a @ b  # wrong shapes -> RuntimeError
+
+    assert nb01.check_box_iou(broken) is B.box_iou
+    assert "raised RuntimeError" in capsys.readouterr().out
+
+
+def test_grade_report_file_gets_one_json_line_per_check(tmp_path, monkeypatch):
+    report = tmp_path / "report.jsonl"
+    monkeypatch.setenv("COURSE_GRADE_REPORT", str(report))
+    nb01.check_anchor_grid(B.anchor_grid)
+    nb01.check_anchor_grid(lambda *a: (_ for _ in ()).throw(NotImplementedError()))
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [(r["exercise"], r["passed"], r["implemented"]) for r in rows] == [
+        ("1.2 anchor_grid", True, True), ("1.2 anchor_grid", False, False)]
+
+
+def test_compare_messages():
+    assert checks.compare(torch.ones(2), torch.ones(2)) is None
+    assert "expected a torch.Tensor" in checks.compare([1, 1], torch.ones(2))
+    assert "dtype" in checks.compare(torch.ones(2, dtype=torch.int64), torch.ones(2))
+    assert "NaN" in checks.compare(torch.tensor([float("nan")]), torch.tensor([1.0]))
+    assert "expected 3" in checks.compare(2.0, 3.0)
+    assert checks.compare((torch.ones(1), 2.0), (torch.ones(1), 2.0)) is None
+
+
+def test_student_cannot_corrupt_later_cases_in_place():
+    def in_place(a, b):
+        out = B.box_iou(a, b)
+        a.zero_()
+        return out
+
+    assert nb01.check_box_iou(in_place) is in_place

@@ -1,0 +1,245 @@
+"""Tests of the download registry.  No network: every download goes through a local
+``downloader`` that copies a file, as pooch's downloader protocol allows."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from course_utils import registry
+from course_utils.registry import (
+    ChecksumError,
+    Entry,
+    OfflineError,
+    RegistryError,
+    cache_dir,
+    fetch,
+    fetch_or_fallback,
+    open_clip_pretrained_available,
+    register,
+    zip_contains,
+)
+
+PAYLOAD = b"course weights\n" * 1000
+
+
+class CopyDownloader:
+    """pooch downloader that copies ``source`` (or fails like a dead network) and counts calls."""
+
+    def __init__(self, source: Path | None, fail: BaseException | None = None,
+                 truncate: bool = False) -> None:
+        self.source, self.fail, self.truncate, self.calls = source, fail, truncate, []
+
+    def __call__(self, url: str, output_file: str, pooch_obj: Any) -> None:
+        self.calls.append(url)
+        if self.fail is not None:
+            raise self.fail
+        assert self.source is not None
+        if self.truncate:  # an interrupted transfer
+            data = self.source.read_bytes()
+            Path(output_file).write_bytes(data[: len(data) // 2])
+        else:
+            shutil.copyfile(self.source, output_file)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Own cache folder, network allowed (the downloader is local), private registry copy."""
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("COURSE_OFFLINE", raising=False)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    return tmp_path
+
+
+@pytest.fixture()
+def source(tmp_path: Path) -> Path:
+    p = tmp_path / "upstream" / "tiny.bin"
+    p.parent.mkdir()
+    p.write_bytes(PAYLOAD)
+    return p
+
+
+def make_entry(sha256: str | None = None, **kw: Any) -> Entry:
+    defaults: dict[str, Any] = dict(
+        name="tiny", urls=["https://example.invalid/a/tiny.bin", "https://example.invalid/b/tiny.bin"],
+        sha256=sha256 or hashlib.sha256(PAYLOAD).hexdigest(), filename="tiny.bin",
+        kind="weights", description="test file", fallback="the built-in tiny model")
+    defaults.update(kw)
+    return register(Entry(**defaults), overwrite=True)
+
+
+def test_good_hash_is_cached_and_not_downloaded_twice(source: Path, isolated: Path) -> None:
+    make_entry()
+    dl = CopyDownloader(source)
+    path = fetch("tiny", downloader=dl)
+    assert path == isolated / "cache" / "weights" / "tiny.bin"  # COURSE_CACHE respected
+    assert path.read_bytes() == PAYLOAD
+    assert fetch("tiny", downloader=dl) == path
+    assert len(dl.calls) == 1
+
+
+def test_bad_hash_raises_error_naming_the_file(source: Path) -> None:
+    entry = make_entry(sha256="0" * 64)
+    dl = CopyDownloader(source)
+    with pytest.raises(ChecksumError, match="tiny.bin"):
+        fetch("tiny", downloader=dl)
+    assert len(dl.calls) == 2  # every mirror was tried
+    assert not entry.cached_path().exists()  # pooch deletes a download that fails the hash
+
+
+def test_truncated_download_raises_error_naming_the_file(source: Path) -> None:
+    make_entry()
+    with pytest.raises(ChecksumError, match="tiny.bin"):
+        fetch("tiny", downloader=CopyDownloader(source, truncate=True))
+
+
+def test_size_mismatch_is_reported_as_truncated(source: Path) -> None:
+    make_entry(sha256=None, sha256_note="test", size_bytes=len(PAYLOAD) * 2)
+    with pytest.raises(ChecksumError, match=r"tiny.bin is truncated"):
+        fetch("tiny", downloader=CopyDownloader(source))
+
+
+def test_corrupted_cache_file_is_downloaded_again(source: Path) -> None:
+    entry = make_entry()
+    dl = CopyDownloader(source)
+    path = fetch("tiny", downloader=dl)
+    path.write_bytes(PAYLOAD[:100])  # e.g. a copy cut short
+    assert fetch("tiny", downloader=dl) == path
+    assert len(dl.calls) == 2
+    assert entry.cached_path().read_bytes() == PAYLOAD
+
+
+def test_offline_env_uses_fallback_and_prints_one_line(
+    source: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_entry()
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    dl = CopyDownloader(source)
+    obj, where = fetch_or_fallback("tiny", lambda: "tiny-model", downloader=dl)
+    assert obj == "tiny-model"
+    assert dl.calls == []  # the network was not even tried
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.splitlines() == [
+        "[offline] could not download tiny (COURSE_OFFLINE=1 is set); "
+        "using the built-in tiny model instead."]
+    assert "fallback" in where
+
+
+def test_network_failure_uses_fallback_and_prints_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    make_entry()
+    dl = CopyDownloader(None, fail=requests.exceptions.ConnectionError("Name resolution failed"))
+    obj, _ = fetch_or_fallback("tiny", lambda: 42, downloader=dl)
+    assert obj == 42 and len(dl.calls) == 2
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.splitlines() == [
+        "[offline] could not download tiny (no network connection); "
+        "using the built-in tiny model instead."]
+    with pytest.raises(OfflineError) as info:
+        fetch("tiny", downloader=dl)
+    assert info.value.reason == "no network connection"
+
+
+def test_offline_env_still_uses_a_valid_cached_copy(
+    source: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_entry()
+    path = fetch("tiny", downloader=CopyDownloader(source))
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    dl = CopyDownloader(source)
+    obj, where = fetch_or_fallback("tiny", lambda: None, downloader=dl)
+    assert obj == path and dl.calls == [] and "sha256 verified" in where
+    assert capsys.readouterr().out == ""
+    path.write_bytes(b"corrupt")
+    with pytest.raises(OfflineError, match="corrupt"):
+        fetch("tiny", downloader=dl)
+
+
+def test_cache_dir_default_and_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("COURSE_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "anchors-to-clip"
+    assert cache_dir().is_dir()
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path / "elsewhere"))
+    assert cache_dir() == tmp_path / "elsewhere" and cache_dir().is_dir()
+
+
+def _zip(path: Path, members: list[str]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for m in members:
+            zf.writestr(m, "<tagset/>")
+    return path
+
+
+def test_zip_verify_hook(tmp_path: Path) -> None:
+    check = zip_contains("svt1/train.xml", "svt1/test.xml")
+    check(_zip(tmp_path / "ok.zip", ["svt1/train.xml", "svt1/test.xml", "svt1/img/00_00.jpg"]))
+    check(_zip(tmp_path / "nested.zip", ["svt/svt1/train.xml", "svt/svt1/test.xml"]))
+    with pytest.raises(ChecksumError, match=r"half.zip lacks \['svt1/test.xml'\]"):
+        check(_zip(tmp_path / "half.zip", ["svt1/train.xml"]))
+    (tmp_path / "cut.zip").write_bytes((tmp_path / "ok.zip").read_bytes()[:40])
+    with pytest.raises(ChecksumError, match="cut.zip is not a readable zip"):
+        check(tmp_path / "cut.zip")
+
+
+def test_verify_hook_failure_deletes_the_download(tmp_path: Path) -> None:
+    bad_zip = _zip(tmp_path / "svt.zip", ["svt1/train.xml"])
+    entry = make_entry(name="fake_svt", filename="svt.zip", kind="dataset", sha256=None,
+                       sha256_note="test archive", verify=zip_contains("svt1/train.xml", "svt1/test.xml"))
+    with pytest.raises(ChecksumError, match="svt.zip"):
+        fetch("fake_svt", downloader=CopyDownloader(bad_zip))
+    assert not entry.cached_path().exists()
+
+
+def test_entry_validation() -> None:
+    with pytest.raises(ValueError, match="sha256_note"):
+        Entry(name="t", urls=["x"], sha256=None, filename="t.bin", kind="weights",
+              description="", fallback="")
+    with pytest.raises(ValueError, match="64 hex"):
+        make_entry(sha256="01ec64")
+    with pytest.raises(ValueError, match="already has"):
+        register(Entry(name="svt", urls=["x"], sha256=None, sha256_note="t", filename="s.zip",
+                       kind="dataset", description="", fallback=""))
+    with pytest.raises(KeyError, match="known entries"):
+        fetch("no_such_entry")
+
+
+def test_course_entries_are_registered() -> None:
+    names = {e.name for e in registry.list_entries()}
+    assert {"sam_vit_b", "svt", "clip_vit_b32_openai"} <= names
+    sam = registry.get_entry("sam_vit_b")
+    assert sam.urls[0] == "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
+    assert sam.sha256 is not None and sam.cached_path().parent.name == "weights"
+    svt = registry.get_entry("svt")
+    assert svt.filename == "svt.zip" and svt.verify is not None and svt.kind == "dataset"
+    with pytest.raises(RegistryError, match="open_clip"):
+        fetch("clip_vit_b32_openai")
+
+
+def test_open_clip_pretrained_available_reads_only_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("open_clip")
+    # Any network access would be a bug: make it fail loudly.
+    monkeypatch.setattr(requests.Session, "request",
+                        lambda *a, **k: pytest.fail("open_clip_pretrained_available used the network"))
+    hf_cache = tmp_path / "hf"
+    assert not open_clip_pretrained_available("ViT-B-32", "openai", cache_dir=hf_cache)
+    assert not open_clip_pretrained_available("ViT-B-32", "no-such-tag", cache_dir=hf_cache)
+    # The layout huggingface_hub uses for a cached file of timm/vit_base_patch32_clip_224.openai.
+    repo = hf_cache / "models--timm--vit_base_patch32_clip_224.openai"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "open_clip_model.safetensors").write_bytes(b"x")
+    assert open_clip_pretrained_available("ViT-B-32", "openai", cache_dir=hf_cache)
