@@ -27,6 +27,14 @@ PROFILE_NAMES = ("smoke", "cpu", "full")
 # (a test checks this) so that a notebook never meets a missing knob.
 _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
+        # seed 004 Ch. 3 (notebook 08): ODITS on the notebook-07 CLIP.  full: SAM ViT-B masks with
+        # Table 3.2's generator settings; cpu/smoke: box masks from the SVT word rectangles.  The
+        # shared CLIP towers stay frozen (embeddings computed once), the new layers train with
+        # AdamW; class weights (1 + count)^-power for the long-tailed vocabulary.
+        "odits": dict(mask_source="sam", max_objects=32, background="mean", crop=True,
+                      heads=8, ff_mult=2, init="xavier", freeze_clip=True, epochs=40,
+                      batch_size=32, lr=5e-4, weight_decay=0.01, class_weight_power=0.5,
+                      grad_clip=1.0, seed=0),
         # seed 004 Ch. 2 (notebooks 06-07): SVT word spotting with CLIP.  Real SVT when present,
         # else SynthSVT (100 train / 249 test like the seed); ViT-B/32 fine-tuned with Table 2.5
         # (Adam 5e-5, betas 0.9/0.98, eps 1e-6, wd 0.2, batch 128), checkpoints at the seed's epochs.
@@ -69,6 +77,10 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                           mm_epochs=6, mm_impostors=1),
     },
     "cpu": {
+        "odits": dict(mask_source="boxes", max_objects=8, background="mean", crop=True,
+                      heads=4, ff_mult=2, init="xavier", freeze_clip=True, epochs=40,
+                      batch_size=16, lr=1e-3, weight_decay=0.01, class_weight_power=0.5,
+                      grad_clip=1.0, seed=0),
         "svt": dict(n_train=100, n_test=249, image_size=(480, 360), seed=0, lexicon_size=50,
                     max_words=3, clip_kind="small", eval_batch_size=64,
                     ft_epochs=5, ft_batch_size=32, ft_lr=5e-5, ft_betas=(0.9, 0.98), ft_eps=1e-6,
@@ -100,6 +112,10 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                           mm_epochs=3, mm_impostors=1),
     },
     "smoke": {
+        "odits": dict(mask_source="boxes", max_objects=4, background="mean", crop=True,
+                      heads=2, ff_mult=2, init="xavier", freeze_clip=True, epochs=2,
+                      batch_size=4, lr=1e-3, weight_decay=0.01, class_weight_power=0.5,
+                      grad_clip=1.0, seed=0),
         "svt": dict(n_train=6, n_test=8, image_size=(160, 120), seed=0, lexicon_size=50,
                     max_words=3, clip_kind="small", eval_batch_size=16,
                     ft_epochs=1, ft_batch_size=8, ft_lr=5e-5, ft_betas=(0.9, 0.98), ft_eps=1e-6,

@@ -36,7 +36,7 @@ def test_unknown_profile_and_knob_errors(monkeypatch):
         profiles.get_config()
     cfg = profiles.get_config("smoke")
     with pytest.raises(AttributeError, match="no knob 'imagesize'"):
-        cfg.shapes.imagesize
+        _ = cfg.shapes.imagesize
 
 
 def test_config_is_a_copy():

@@ -169,8 +169,8 @@ def run_exercise(exercise: str, student: Callable, reference: Callable, cases: S
             line = f" (line {tb[-1].lineno})" if tb else ""
             messages.append(f"{label}: raised {type(exc).__name__}: {exc}{line}")
             continue
-        cmp = case.compare or (lambda g, e: compare(g, e, atol=atol, rtol=rtol,
-                                                    show_values=not is_hidden))
+        cmp = case.compare or (lambda g, e, hide=is_hidden: compare(g, e, atol=atol, rtol=rtol,
+                                                                    show_values=not hide))
         msg = cmp(got, expected)
         if msg:
             n_failed += 1
