@@ -40,7 +40,7 @@ notebooks: $(STAMP)
 	$(PY) -m course_utils.nbbuild
 
 reproduce: $(STAMP)
-	MPLBACKEND=Agg COURSE_FIGURES=$(CURDIR)/figures $(PY) -m course_utils.nbrun solutions/*.ipynb --profile auto --inplace
+	COURSE_FIGURES=$(CURDIR)/figures $(PY) -m course_utils.nbrun solutions/*.ipynb --profile auto --inplace
 	$(MAKE) benchmarks
 	$(PY) -m course_utils.nbbuild
 

@@ -11,15 +11,32 @@ from course_utils import checks
 from course_utils.checks import nb01
 
 
-def test_reference_implementations_pass_every_check(capsys):
-    assert nb01.check_box_iou(B.box_iou) is B.box_iou
-    assert nb01.check_anchor_grid(B.anchor_grid) is B.anchor_grid
-    assert nb01.check_label_anchors(B.label_anchors) is B.label_anchors
-    assert nb01.check_sample_anchors(B.sample_anchors) is B.sample_anchors
-    assert nb01.check_box_coding(B.encode_boxes, B.decode_boxes) == (B.encode_boxes, B.decode_boxes)
+def own(fn):
+    """The reference wrapped in a function of this module, as a student's correct answer."""
+    def student(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return student
+
+
+def test_correct_answers_pass_every_check(capsys):
+    iou, grid, label, sample = own(B.box_iou), own(B.anchor_grid), own(B.label_anchors), own(B.sample_anchors)
+    enc, dec = own(B.encode_boxes), own(B.decode_boxes)
+    assert nb01.check_box_iou(iou) is iou
+    assert nb01.check_anchor_grid(grid) is grid
+    assert nb01.check_label_anchors(label) is label
+    assert nb01.check_sample_anchors(sample) is sample
+    assert nb01.check_box_coding(enc, dec) == (enc, dec)
     out = capsys.readouterr().out
     assert out.count("cases passed") == 5
     assert [checks.RESULTS[e].passed for e in nb01.EXERCISES] == [True] * 5
+
+
+def test_handing_in_the_reference_earns_nothing(capsys):
+    assert nb01.check_box_iou(B.box_iou) is B.box_iou
+    assert not checks.RESULTS["1.1 box_iou"].passed
+    assert nb01.check_box_coding(own(B.encode_boxes), B.decode_boxes) == (B.encode_boxes, B.decode_boxes)
+    assert not checks.RESULTS[nb01.EXERCISES[4]].passed
+    assert "reference implementation, not your own code" in capsys.readouterr().out
 
 
 def test_unfinished_exercise_falls_back_and_says_so(capsys):
@@ -74,7 +91,7 @@ def test_student_exception_is_reported_not_raised(capsys):
 def test_grade_report_file_gets_one_json_line_per_check(tmp_path, monkeypatch):
     report = tmp_path / "report.jsonl"
     monkeypatch.setenv("COURSE_GRADE_REPORT", str(report))
-    nb01.check_anchor_grid(B.anchor_grid)
+    nb01.check_anchor_grid(own(B.anchor_grid))
     nb01.check_anchor_grid(lambda *a: (_ for _ in ()).throw(NotImplementedError()))
     rows = [json.loads(line) for line in report.read_text().splitlines()]
     assert [(r["exercise"], r["passed"], r["implemented"]) for r in rows] == [

@@ -139,14 +139,34 @@ def _report(result: CheckResult) -> None:
             f.write(result.to_json() + "\n")
 
 
+def is_package_code(fn: Any) -> bool:
+    """Whether ``fn`` comes from ``course_utils`` itself (outside the checks), i.e. it is a
+    reference implementation rather than the student's own code."""
+    module = getattr(fn, "__module__", None) or ""
+    return module == "course_utils" or (
+        module.startswith("course_utils.") and not module.startswith("course_utils.checks"))
+
+
 def run_exercise(exercise: str, student: Callable, reference: Callable, cases: Sequence[Case],
                  hidden: Sequence[Case] = (), *, atol: float = 1e-5, rtol: float = 1e-4,
-                 verbose: bool = True) -> Callable:
+                 verbose: bool = True, uses_reference: bool | None = None) -> Callable:
     """Check ``student`` against ``reference`` on ``cases`` (+ ``hidden``); return what to use next.
 
     Returns ``student`` when every case passes, otherwise ``reference`` (with a note), so that the
     notebook always goes on.  A ``NotImplementedError`` on the first case means "not started".
+    Handing the package's own implementation to a check never counts as passing:
+    ``uses_reference`` (default: detected from where ``student`` was defined) marks it.
     """
+    if uses_reference is None:
+        uses_reference = student is reference or is_package_code(student)
+    if uses_reference:
+        result = CheckResult(exercise, False, False, len(cases) + len(hidden), 0,
+                             ["the package's reference implementation was checked, not your code"])
+        _report(result)
+        if verbose:
+            print(f"[ ] {exercise}: this is the package's reference implementation, not your own "
+                  "code; write the function above to earn the point.")
+        return reference
     messages: list[str] = []
     n_failed = 0
     implemented = True
