@@ -229,6 +229,9 @@ def make_student(solution: NotebookNode, filename: str) -> NotebookNode:
     _set_badge(nb, NOTEBOOKS_DIR, filename, insert=True)
     # Saved ipywidgets state belongs to the outputs, which the student version does not have.
     nb.metadata.pop("widgets", None)
+    # The kernel that executed the solution writes its own Python version here; the student copy
+    # must not change with whoever last ran the solutions.
+    nb.metadata["language_info"] = {"name": "python"}
     for index, cell in enumerate(nb.cells):
         where = _cell_where(filename, index, cell)
         _drop_timing(cell)
