@@ -265,18 +265,24 @@ def plan_build(root: Path) -> tuple[list[BuildOutput], list[Path]]:
     """Everything the build would write under ``root``, and stale student notebooks to remove.
 
     Returns ``(outputs, stale)``: one :class:`BuildOutput` per solution (its canonical form) and
-    per student notebook, and the ``notebooks/NN_*.ipynb`` files that have no solution any more.
+    per student notebook, the README (its notebook table, when it has the markers), and the ``notebooks/NN_*.ipynb`` files that have no solution any more.
     """
     solutions = sorted((root / SOLUTIONS_DIR).glob(NOTEBOOK_GLOB))
     outputs: list[BuildOutput] = []
+    read: list[tuple[str, NotebookNode]] = []
     for path in solutions:
         try:
             solution = nbformat.read(path, as_version=4)
         except Exception as exc:  # bad JSON etc.: name the file, not a frame inside nbformat
             raise BuildError(f"{path}: cannot be read as a notebook: {exc}") from exc
+        read.append((path.name, solution))
         outputs.append(BuildOutput(path, dumps(canonical_solution(solution, path.name))))
         outputs.append(BuildOutput(root / NOTEBOOKS_DIR / path.name,
                                    dumps(make_student(solution, path.name))))
+    # The README's notebook table is part of the build, so it always lists what exists.
+    readme = _readme_output(root, read)
+    if readme is not None:
+        outputs.append(readme)
     wanted = {p.name for p in solutions}
     stale = [p for p in sorted((root / NOTEBOOKS_DIR).glob(NOTEBOOK_GLOB)) if p.name not in wanted]
     return outputs, stale
@@ -286,6 +292,47 @@ def differing(outputs: Iterable[BuildOutput]) -> list[Path]:
     """The outputs whose file is missing or has other bytes than the build would write."""
     return [o.path for o in outputs
             if not o.path.exists() or o.path.read_text(encoding="utf-8") != o.text]
+
+
+README_START, README_END = "<!-- notebooks:start -->", "<!-- notebooks:end -->"
+
+
+def _title_line(source: str, key: str) -> str:
+    """The text after ``**key:**`` in a title cell ('' when the line is absent)."""
+    for line in source.splitlines():
+        if line.strip().startswith(f"**{key}:**"):
+            return line.strip()[len(key) + 5:].strip()
+    return ""
+
+
+def notebook_table(solutions: list[tuple[str, NotebookNode]]) -> str:
+    """The README's notebook table, read from each solution's title cell.
+
+    The title cell gives the name (``# NN · Title``), the ``**Seed:**`` line and the
+    ``**You build:**`` line; the badge opens the student copy in Colab.
+    """
+    rows = ["| # | notebook | seed | you build | Colab |", "|---|---|---|---|---|"]
+    for filename, nb in solutions:
+        first = nb.cells[0].source if nb.cells else ""
+        heading = next((ln for ln in first.splitlines() if ln.startswith("# ")), f"# {filename}")
+        title = heading[2:].split("·", 1)[-1].strip()
+        seed = _title_line(first, "Seed").split(":", 1)[0].rstrip(".")  # the part before details
+        rows.append(f"| {filename[:2]} | [{title}]({SOLUTIONS_DIR}/{filename}) | "
+                    f"{seed} | {_title_line(first, 'You build')} | "
+                    f"{badge_markdown(NOTEBOOKS_DIR, filename)} |")
+    return "\n".join(rows)
+
+
+def _readme_output(root: Path, solutions: list[tuple[str, NotebookNode]]) -> BuildOutput | None:
+    readme = root / "README.md"
+    if not readme.exists():
+        return None
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        return None
+    table = notebook_table(solutions)
+    return BuildOutput(readme, text[: start + len(README_START)] + "\n" + table + "\n" + text[end:])
 
 
 def build(root: Path, *, check: bool = False) -> list[Path]:
