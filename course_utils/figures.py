@@ -13,8 +13,19 @@ from matplotlib.patches import Rectangle
 
 
 def figures_dir() -> Path:
-    """``$COURSE_FIGURES`` or ``figures/`` under the current directory; created on demand."""
-    path = Path(os.environ.get("COURSE_FIGURES", "figures"))
+    """``$COURSE_FIGURES``, else the checkout's ``figures/`` folder, else ``./figures``.
+
+    A notebook's kernel runs in ``solutions/`` or ``notebooks/``; without the checkout rule every
+    folder of notebooks would grow its own ``figures/``.  Created on demand.
+    """
+    env = os.environ.get("COURSE_FIGURES")
+    checkout = Path(__file__).resolve().parents[1]
+    if env:
+        path = Path(env)
+    elif (checkout / "solutions").is_dir():
+        path = checkout / "figures"
+    else:  # installed as a package (Colab without a clone, pip): next to the notebook
+        path = Path("figures")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

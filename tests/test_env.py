@@ -40,3 +40,19 @@ def test_banner_names_profile_device_and_versions(capsys, monkeypatch):
     assert env.profile == "smoke" and env.seed == 5
     for word in ("profile  : smoke", "device", "torch", "torchvision", "open_clip", "segment-anything"):
         assert word in out
+
+
+def test_figures_go_to_one_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    from course_utils import figures
+
+    monkeypatch.setenv("COURSE_FIGURES", str(tmp_path / "figs"))
+    fig = plt.figure()
+    assert figures.savefig(fig, "01_test") == tmp_path / "figs" / "01_test.png"
+    assert (tmp_path / "figs" / "01_test.png").stat().st_size > 0
+    monkeypatch.delenv("COURSE_FIGURES")
+    monkeypatch.chdir(tmp_path)  # as a kernel running in solutions/ would
+    assert figures.figures_dir() == Path(figures.__file__).resolve().parents[1] / "figures"
