@@ -1,0 +1,511 @@
+"""SynthSVT: a synthetic street-sign word set in the SVT layout, made on the spot from a seed.
+
+Notebooks 06-07 (seed 004 Ch. 2) run offline on this set when the real SVT is not available.
+:func:`make_synthsvt` writes a folder the SVT loader reads unchanged::
+
+    root/train.xml  root/test.xml  root/img/00_00.jpg ...
+
+Every image is a street scene (sky/facade gradient, windows, poles, noise) with one or two
+signs carrying one to three words, rendered with PIL in several fonts, colours and sizes,
+slightly rotated and sheared.  Words follow a long-tailed (Zipf) distribution over
+:data:`STREET_WORDS`, so a few words (RESTAURANT, THE, INC, HOTEL, ...) are frequent and most are
+rare, as in the thesis's Fig. 2.2-2.3.  Each image gets a 50-word lexicon: its own words plus
+distractors, many of them look-alikes (edit distance 1-2, e.g. JOINT / JOINS / POINT).
+
+:class:`WordStream` renders single word crops in memory with the same sign renderer, fast enough
+to pretrain the course's small CLIP on hundreds of thousands of words.
+
+Determinism: image ``k`` of a split depends only on ``(seed, split, k)`` and the other knobs;
+the same call writes identical bytes (JPEG quality fixed, no timestamps in the files).
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+__all__ = [
+    "STREET_WORDS",
+    "FONT_NAMES",
+    "zipf_weights",
+    "lookalikes",
+    "make_lexicon",
+    "render_scene",
+    "make_synthsvt",
+    "make_synthsvt_for_profile",
+    "WordStream",
+    "load_font",
+]
+
+# Street-sign and business words, most frequent first (the Zipf rank order).  The first eight
+# are the thesis's most common SVT words (seed 004 §2.1.1).
+STREET_WORDS: tuple[str, ...] = tuple("""
+RESTAURANT THE INC HOTEL CAFE CENTER BAR AND PIZZA BANK STREET DELI BAKERY MARKET PARKING
+PHARMACY GRILL SHOP STORE PUB COFFEE BOOKS HAIR SALON DENTAL CLINIC LAW OFFICE TAVERN INN
+DINER BISTRO KITCHEN GARDEN FLOWERS FLORIST JEWELRY GALLERY THEATER CINEMA MUSEUM LIBRARY
+SCHOOL CHURCH HOSPITAL MEDICAL CENTRAL CITY PARK PLAZA SQUARE AVENUE ROAD MAIN NORTH SOUTH EAST
+WEST OPEN CLOSED SALE GOLD SILVER STAR SUN MOON ROYAL GRAND PALACE LOUNGE CLUB SPORTS FITNESS
+YOGA SPA NAILS BEAUTY BARBER TAILOR CLEANERS LAUNDRY AUTO REPAIR TIRES GARAGE MOTEL SUITES
+TOWER TRUST SAVINGS LOANS INSURANCE REALTY HOMES LOFTS STUDIO PHOTO PRINT COPY MAIL POST EXPRESS
+FOOD FRESH FARM WINE LIQUOR BEER SPIRITS TACO BURGER SUSHI NOODLE THAI CHINA INDIA PARIS ROMA
+NAPOLI TOKYO JOINT HOUSE HOME BEST FIRST NEW OLD BIG LITTLE GREEN RED BLUE WHITE BLACK ORANGE
+CORNER VILLAGE TOWN COUNTY STATE UNION NATIONAL AMERICAN PACIFIC ATLANTIC HARBOR BAY LAKE RIVER
+HILL VALLEY OAK PINE MAPLE CEDAR ELM ROSE LILY DAISY BELL CROWN KING QUEEN PRINCE EAGLE LION
+TIGER BEAR WOLF FOX HAWK DOVE SWAN OCEAN ISLAND CAPITAL METRO TRANSIT STATION TERMINAL AIRPORT
+TAXI BUS TRAIN SUBWAY EXIT ENTRANCE TOILET PHONE MOBILE COMPUTER ELECTRONICS MUSIC RECORDS VIDEO
+GAMES TOYS KIDS BABY PETS VET ANIMAL SEAFOOD STEAK HOUSE TAPAS PASTA GELATO ICE CREAM DONUTS
+BAGELS JUICE TEA WINERY BREWERY CELLAR VAULT SUPPLY HARDWARE LUMBER PAINT GLASS DOORS FLOORS
+TILE STONE MARBLE FURNITURE MATTRESS LIGHTING DESIGN ART FRAMES CRAFTS FABRIC SHOES BOOTS
+DENIM OUTLET BOUTIQUE FASHION OPTICAL VISION HEARING TRAVEL TOURS CHARTER RENTAL STORAGE MOVERS
+JOHNS JONES SMITH CARROLL CARLTON CARVEL SOPRA SOPRANO SOTTO CANTO BRAZILIAN MARIO LUIGI TONY
+SAMS JOES MAXS ROSAS LUCKY HAPPY GOLDEN DRAGON PHOENIX LOTUS BAMBOO JASMINE SAFFRON OLIVE BASIL
+""".split())
+# duplicates in the text above (HOUSE) are removed, first occurrence kept
+STREET_WORDS = tuple(dict.fromkeys(STREET_WORDS))
+
+_TTF_FONTS = (
+    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
+    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSans-Oblique.ttf",
+    "DejaVuSerif-Italic.ttf",
+)
+# "pil-default" is PIL's built-in bitmap font, rendered small and scaled up (blocky, like
+# low-resolution signage).
+FONT_NAMES: tuple[str, ...] = _TTF_FONTS + ("pil-default",)
+
+# Background / sign / text palettes: (sign colour, text colour) pairs with enough contrast that
+# a human reads them, and some low-contrast ones because real signs are not always legible.
+_SIGN_STYLES: tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...] = (
+    ((250, 250, 245), (20, 20, 20)), ((20, 20, 20), (250, 250, 250)), ((180, 20, 30), (255, 255, 255)),
+    ((20, 60, 150), (255, 255, 255)), ((10, 110, 60), (255, 255, 255)), ((250, 210, 40), (20, 20, 20)),
+    ((240, 240, 240), (180, 20, 30)), ((60, 40, 30), (240, 220, 170)), ((230, 120, 20), (255, 255, 255)),
+    ((200, 200, 210), (30, 30, 90)), ((120, 20, 90), (255, 230, 120)), ((245, 235, 210), (90, 60, 20)),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# words: Zipf weights, look-alikes, lexicons
+# --------------------------------------------------------------------------------------------
+
+
+def zipf_weights(n: int, exponent: float = 1.1) -> np.ndarray:
+    """Probabilities ``∝ 1 / rank**exponent`` for ranks ``1..n``; shape ``(n,)``, sums to 1."""
+    w = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** exponent
+    return w / w.sum()
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (two-row dynamic programme; words are short)."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def _random_edit(word: str, rng: np.random.Generator) -> str:
+    """One substitution, insertion, deletion or adjacent swap with an uppercase letter."""
+    letters = string.ascii_uppercase
+    i = int(rng.integers(len(word)))
+    op = int(rng.integers(4)) if len(word) > 2 else int(rng.integers(2))
+    c = letters[int(rng.integers(26))]
+    if op == 0:
+        return word[:i] + c + word[i + 1:]
+    if op == 1:
+        return word[:i] + c + word[i:]
+    if op == 2:
+        return word[:i] + word[i + 1:]
+    i = min(i, len(word) - 2)
+    return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+
+
+def lookalikes(word: str, k: int, rng: np.random.Generator,
+               vocabulary: Sequence[str] = STREET_WORDS, exclude: set[str] | None = None) -> list[str]:
+    """``k`` words that look like ``word``: edit distance 1-2 from it, all different.
+
+    Real words of ``vocabulary`` within distance 2 come first (they make the hardest
+    distractors: JONES for JOHNS); the rest are random one- or two-letter edits.
+    """
+    exclude = set(exclude or ()) | {word}
+    near = [v for v in vocabulary if v not in exclude and abs(len(v) - len(word)) <= 2
+            and _edit_distance(v, word) <= 2]
+    rng.shuffle(near)
+    out = near[:k]
+    seen = exclude | set(out)
+    tries = 0
+    while len(out) < k and tries < 50 * k:
+        tries += 1
+        cand = _random_edit(word, rng)
+        if rng.random() < 0.5:  # about half of the synthetic ones are two edits away
+            cand = _random_edit(cand, rng)
+        if len(cand) >= 2 and cand not in seen and _edit_distance(cand, word) <= 2:
+            out.append(cand)
+            seen.add(cand)
+    return out
+
+
+def make_lexicon(words: Sequence[str], rng: np.random.Generator, size: int = 50,
+                 vocabulary: Sequence[str] = STREET_WORDS, lookalikes_per_word: int = 6,
+                 zipf_exponent: float = 1.1) -> list[str]:
+    """A ``size``-word lexicon: ``words`` + look-alikes of each + Zipf-sampled vocabulary words.
+
+    The order is shuffled, so a word's position says nothing about whether it is in the image.
+    """
+    lex = list(dict.fromkeys(words))
+    for w in list(lex):
+        lex += lookalikes(w, lookalikes_per_word, rng, vocabulary, exclude=set(lex))
+    lex = lex[:size]
+    p = zipf_weights(len(vocabulary), zipf_exponent)
+    chosen = set(lex)
+    while len(lex) < size:
+        # the real SVT lexicons are nearby business names: frequent words are frequent here too
+        v = vocabulary[int(rng.choice(len(vocabulary), p=p))]
+        if v not in chosen:
+            lex.append(v)
+            chosen.add(v)
+    order = rng.permutation(len(lex))
+    return [lex[i] for i in order]
+
+
+# --------------------------------------------------------------------------------------------
+# rendering
+# --------------------------------------------------------------------------------------------
+
+
+def _font_dir() -> Path:
+    import matplotlib
+
+    return Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf"
+
+
+@lru_cache(maxsize=512)
+def load_font(name: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """A font of ``FONT_NAMES`` at pixel ``size`` (``pil-default`` ignores ``size``)."""
+    if name == "pil-default":
+        return ImageFont.load_default_imagefont()
+    return ImageFont.truetype(str(_font_dir() / name), size)
+
+
+def _render_word(word: str, font_name: str, size: int, color: tuple[int, int, int],
+                 rng: np.random.Generator, rotate: float, shear: float) -> Image.Image:
+    """The word as an RGBA image cropped to its ink: colour ``color``, rotated and sheared."""
+    font = load_font(font_name, size)
+    # measure, then draw with a margin so that rotation never clips the ink
+    left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), word, font=font)
+    w, h = right - left, bottom - top
+    m = 4
+    mask = Image.new("L", (w + 2 * m, h + 2 * m), 0)
+    ImageDraw.Draw(mask).text((m - left, m - top), word, fill=255, font=font)
+    if font_name == "pil-default":
+        # the bitmap font is ~11 px tall: scale it up to the requested size (blocky on purpose)
+        scale = size / max(1, h)
+        mask = mask.resize((max(1, round(mask.width * scale)), max(1, round(mask.height * scale))),
+                           Image.NEAREST)
+    if shear:
+        # x' = x + shear * y, a slant like a sign seen a little from the side
+        extra = int(abs(shear) * mask.height) + 1
+        mask = mask.transform((mask.width + extra, mask.height), Image.AFFINE,
+                              (1, shear, -extra if shear > 0 else 0, 0, 1, 0), Image.BILINEAR)
+    if rotate:
+        mask = mask.rotate(rotate, Image.BILINEAR, expand=True)
+    bbox = mask.getbbox() or (0, 0, mask.width, mask.height)
+    mask = mask.crop(bbox)
+    layer = Image.new("RGBA", mask.size, color + (0,))
+    layer.putalpha(mask)
+    return layer
+
+
+@dataclass
+class _Style:
+    """Random choices for one sign: font, size, colours, rotation, shear."""
+
+    font: str
+    size: int
+    sign: tuple[int, int, int]
+    ink: tuple[int, int, int]
+    rotate: float
+    shear: float
+
+
+def _sample_style(rng: np.random.Generator, text_height: int, fonts: Sequence[str]) -> _Style:
+    sign, ink = _SIGN_STYLES[int(rng.integers(len(_SIGN_STYLES)))]
+    jitter = rng.integers(-25, 26, size=3)
+    sign = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(sign, jitter))
+    return _Style(
+        font=fonts[int(rng.integers(len(fonts)))],
+        size=max(6, int(text_height * rng.uniform(0.8, 1.25))),
+        sign=sign,  # type: ignore[arg-type]
+        ink=ink,
+        rotate=float(rng.uniform(-5, 5)),
+        shear=float(rng.uniform(-0.2, 0.2)),
+    )
+
+
+def _background(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """A street-ish backdrop: sky-to-facade gradient, windows, poles and wires (clutter)."""
+    W, H = size
+    top = rng.integers(90, 230, size=3)
+    bottom = rng.integers(30, 160, size=3)
+    t = np.linspace(0, 1, H)[:, None, None]
+    arr = (top * (1 - t) + bottom * t).repeat(W, axis=1)
+    img = Image.fromarray(arr.astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 9))):  # windows / facade blocks
+        x, y = int(rng.integers(0, W)), int(rng.integers(0, H))
+        w, h = int(rng.integers(W // 20 + 1, W // 5 + 2)), int(rng.integers(H // 20 + 1, H // 4 + 2))
+        d.rectangle((x, y, x + w, y + h), fill=tuple(int(c) for c in rng.integers(0, 256, size=3)))
+    for _ in range(int(rng.integers(1, 4))):  # poles and wires
+        x = int(rng.integers(0, W))
+        d.line((x, 0, x + int(rng.integers(-W // 10, W // 10 + 1)), H),
+               fill=tuple(int(c) for c in rng.integers(0, 120, size=3)), width=int(rng.integers(1, 4)))
+    return img
+
+
+def _make_sign(words: Sequence[str], style: _Style, rng: np.random.Generator
+               ) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
+    """A sign board with ``words`` stacked in lines; returns the board and each word's xyxy box."""
+    layers = [_render_word(w, style.font, style.size, style.ink, rng, style.rotate, style.shear)
+              for w in words]
+    pad = max(3, style.size // 3)
+    gap = max(2, style.size // 4)
+    W = max(lay.width for lay in layers) + 2 * pad
+    H = sum(lay.height for lay in layers) + gap * (len(layers) - 1) + 2 * pad
+    board = Image.new("RGB", (W, H), style.sign)
+    d = ImageDraw.Draw(board)
+    d.rectangle((0, 0, W - 1, H - 1), outline=tuple(max(0, c - 60) for c in style.sign), width=2)
+    boxes = []
+    y = pad
+    for layer in layers:
+        x = pad + int(rng.integers(0, W - 2 * pad - layer.width + 1))  # ragged alignment
+        board.paste(layer, (x, y), layer)
+        boxes.append((x, y, x + layer.width, y + layer.height))
+        y += layer.height + gap
+    return board, boxes
+
+
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _finish(img: Image.Image, rng: np.random.Generator, noise: float) -> Image.Image:
+    """Camera effects: slight blur and Gaussian noise of standard deviation ``noise`` (0-255)."""
+    if rng.random() < 0.5:
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 0.9))))
+    arr = np.asarray(img, dtype=np.float32)
+    arr = arr + rng.normal(0.0, noise * rng.uniform(0.3, 1.0), size=arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def render_scene(words_per_sign: Sequence[Sequence[str]], rng: np.random.Generator,
+                 image_size: tuple[int, int] = (480, 360), fonts: Sequence[str] = FONT_NAMES,
+                 noise: float = 6.0) -> tuple[Image.Image, list[tuple[str, tuple[int, int, int, int]]]]:
+    """Render a street scene with one sign per entry of ``words_per_sign``.
+
+    Args:
+        words_per_sign: e.g. ``[["JOES", "PIZZA"], ["OPEN"]]``: two signs, three words.
+        rng: the only source of randomness (determinism).
+        image_size: ``(width, height)`` of the scene in pixels.
+
+    Returns:
+        the RGB scene and a list of ``(word, (x1, y1, x2, y2))`` boxes in scene pixels.
+        A sign that does not fit without overlapping another is scaled down until it does
+        (and dropped, with its words, after a few tries).
+    """
+    W, H = image_size
+    scene = _background(image_size, rng)
+    placed: list[tuple[int, int, int, int]] = []
+    out: list[tuple[str, tuple[int, int, int, int]]] = []
+    for words in words_per_sign:
+        # text height 7-14 % of the image height, so that word crops stay legible when small
+        style = _sample_style(rng, int(H * rng.uniform(0.07, 0.14)), fonts)
+        board, boxes = _make_sign(words, style, rng)
+        for _ in range(20):
+            if board.width >= W or board.height >= H:
+                s = 0.9 * min(W / board.width, H / board.height)
+                board = board.resize((max(1, int(board.width * s)), max(1, int(board.height * s))),
+                                     Image.BILINEAR)
+                boxes = [tuple(int(round(c * s)) for c in b) for b in boxes]  # type: ignore[misc]
+                continue
+            x, y = int(rng.integers(0, W - board.width + 1)), int(rng.integers(0, H - board.height + 1))
+            rect = (x, y, x + board.width, y + board.height)
+            if any(_overlaps(rect, p) for p in placed):
+                continue
+            scene.paste(board, (x, y))
+            placed.append(rect)
+            out += [(w, (x + b[0], y + b[1], x + b[2], y + b[3])) for w, b in zip(words, boxes)]
+            break
+    return _finish(scene, rng, noise), out
+
+
+# --------------------------------------------------------------------------------------------
+# the SVT-format folder
+# --------------------------------------------------------------------------------------------
+
+
+_SPLIT_IDS = {"train": 0, "test": 1}
+
+
+def _sample_words(rng: np.random.Generator, vocabulary: Sequence[str], p: np.ndarray,
+                  max_words: int) -> list[list[str]]:
+    """Words of one image grouped per sign: 1-2 signs, 1-``max_words`` distinct words in all."""
+    n_words = int(rng.integers(1, max_words + 1))
+    words: list[str] = []
+    while len(words) < n_words:
+        w = vocabulary[int(rng.choice(len(vocabulary), p=p))]
+        if w not in words:
+            words.append(w)
+    if n_words >= 2 and rng.random() < 0.5:
+        cut = int(rng.integers(1, n_words))
+        return [words[:cut], words[cut:]]
+    return [words]
+
+
+def _image_xml(name: str, address: str, lexicon: Sequence[str], size: tuple[int, int],
+               boxes: Sequence[tuple[str, tuple[int, int, int, int]]]) -> str:
+    rects = "".join(
+        f'<taggedRectangle height="{y2 - y1}" width="{x2 - x1}" x="{x1}" y="{y1}">'
+        f"<tag>{escape(w)}</tag></taggedRectangle>"
+        for w, (x1, y1, x2, y2) in boxes
+    )
+    return (
+        f"  <image>\n    <imageName>{escape(name)}</imageName>\n"
+        f"    <address>{escape(address)}</address>\n"
+        f"    <lex>{escape(','.join(lexicon))}</lex>\n"
+        f"    <Resolution x={quoteattr(str(size[0]))} y={quoteattr(str(size[1]))}/>\n"
+        f"    <taggedRectangles>{rects}</taggedRectangles>\n  </image>\n"
+    )
+
+
+def make_synthsvt(root: str | os.PathLike[str], *, n_train: int = 100, n_test: int = 249,
+                  image_size: tuple[int, int] = (480, 360), seed: int = 0,
+                  lexicon_size: int = 50, max_words: int = 3, zipf_exponent: float = 1.1,
+                  lookalikes_per_word: int = 6, vocabulary: Sequence[str] = STREET_WORDS,
+                  overwrite: bool = False) -> Path:
+    """Write a SynthSVT folder (``train.xml``, ``test.xml``, ``img/``) and return its path.
+
+    Image ``k`` of split ``s`` is drawn from ``np.random.default_rng([seed, s, k])``, so the
+    folder is identical byte for byte for the same arguments.  When ``root`` already holds a
+    SynthSVT made with the same arguments it is reused (``overwrite=True`` rebuilds it).
+
+    Returns:
+        ``Path(root)``, ready for :func:`course_utils.svt.load_svt`.
+    """
+    root = Path(root)
+    stamp = (f"synthsvt n_train={n_train} n_test={n_test} size={tuple(image_size)} seed={seed} "
+             f"lex={lexicon_size} max_words={max_words} zipf={zipf_exponent} "
+             f"look={lookalikes_per_word} vocab={len(vocabulary)}")
+    stamp_file = root / "SYNTHSVT"
+    if not overwrite and stamp_file.is_file() and stamp_file.read_text() == stamp:
+        return root
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    p = zipf_weights(len(vocabulary), zipf_exponent)
+    for split, n in (("train", n_train), ("test", n_test)):
+        parts = ['<?xml version="1.0" encoding="utf-8"?>\n<tagset>\n']
+        for k in range(n):
+            rng = np.random.default_rng([seed, _SPLIT_IDS[split], k])
+            signs = _sample_words(rng, vocabulary, p, max_words)
+            scene, boxes = render_scene(signs, rng, tuple(image_size))
+            lexicon = make_lexicon([w for w, _ in boxes] or signs[0], rng, lexicon_size, vocabulary,
+                                   lookalikes_per_word, zipf_exponent)
+            # SVT names images <group>_<index>.jpg; a split prefix keeps train and test apart
+            name = f"img/{split}_{k // 20:02d}_{k % 20:02d}.jpg"
+            scene.save(root / name, quality=90)
+            address = f"{int(rng.integers(1, 999))} {vocabulary[int(rng.integers(len(vocabulary)))].title()} St"
+            parts.append(_image_xml(name, address, lexicon, scene.size, boxes))
+        parts.append("</tagset>\n")
+        (root / f"{split}.xml").write_text("".join(parts), encoding="utf-8")
+    stamp_file.write_text(stamp)
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# word stream for pretraining
+# --------------------------------------------------------------------------------------------
+
+
+class WordStream:
+    """Word crops rendered in memory: an endless, seekable stream of ``(image, text)`` pairs.
+
+    Each crop is a sign fragment made by the same renderer as the scenes of
+    :func:`make_synthsvt` (font, colours, rotation, shear, blur, noise), cut around the word's
+    box with a small random margin, as a detector or an SVT box would give it.
+
+    Sample ``i`` depends only on ``(seed, i)``: the stream can be re-read from any step, which
+    makes pretraining resumable and bit-for-bit reproducible.
+
+    Args:
+        words: the texts to draw from.
+        weights: sampling probabilities of ``words`` (uniform when ``None``); shape ``(len(words),)``.
+        seed: the stream's seed.
+        text_height: nominal text height in pixels before the crop is resized.
+        lookalike_rate: probability that a sample is a random one- or two-letter edit of the drawn
+            word instead of the word itself.  Pairs of near-identical texts teach the model to
+            read letters rather than word shapes.
+    """
+
+    def __init__(self, words: Sequence[str], weights: Sequence[float] | None = None, *, seed: int = 0,
+                 text_height: int = 32, lookalike_rate: float = 0.0, fonts: Sequence[str] = FONT_NAMES,
+                 noise: float = 6.0) -> None:
+        if not words:
+            raise ValueError("WordStream: words is empty (expected at least one text)")
+        self.words = list(words)
+        w = np.full(len(words), 1.0) if weights is None else np.asarray(weights, dtype=np.float64)
+        if w.shape != (len(self.words),) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"WordStream: weights must be {len(self.words)} non-negative numbers")
+        self.p = w / w.sum()
+        self.seed = seed
+        self.text_height = text_height
+        self.lookalike_rate = lookalike_rate
+        self.fonts = tuple(fonts)
+        self.noise = noise
+
+    def text(self, i: int) -> str:
+        """The text of sample ``i`` (cheap: no rendering)."""
+        return self._text(np.random.default_rng([self.seed, i, 0]))
+
+    def _text(self, rng: np.random.Generator) -> str:
+        word = self.words[int(rng.choice(len(self.words), p=self.p))]
+        if self.lookalike_rate and rng.random() < self.lookalike_rate:
+            word = lookalikes(word, 1, rng, vocabulary=())[0] if len(word) > 1 else word
+        return word
+
+    def sample(self, i: int) -> tuple[Image.Image, str]:
+        """Sample ``i``: an RGB word crop and its text."""
+        rng = np.random.default_rng([self.seed, i, 0])
+        text = self._text(rng)
+        return self.render(text, rng), text
+
+    def render(self, text: str, rng: np.random.Generator) -> Image.Image:
+        """Render ``text`` as one word crop with randomness from ``rng`` (RGB, wider than tall)."""
+        style = _sample_style(rng, self.text_height, self.fonts)
+        board, boxes = _make_sign([text], style, rng)
+        board = _finish(board, rng, self.noise)
+        x1, y1, x2, y2 = boxes[0]
+        # the margin of a loose box: 0-15 % of the text height on each side
+        m = [int(rng.uniform(0, 0.15) * (y2 - y1)) for _ in range(4)]
+        box = (max(0, x1 - m[0]), max(0, y1 - m[1]), min(board.width, x2 + m[2]), min(board.height, y2 + m[3]))
+        return board.crop(box)
+
+    def __iter__(self) -> Iterator[tuple[Image.Image, str]]:
+        i = 0
+        while True:
+            yield self.sample(i)
+            i += 1
+
+
+def make_synthsvt_for_profile(root: str | os.PathLike[str], svt_cfg: dict, **overrides: object) -> Path:
+    """:func:`make_synthsvt` with the sizes of a profile's ``svt`` section (``get_config().svt``)."""
+    kwargs = dict(n_train=svt_cfg["n_train"], n_test=svt_cfg["n_test"],
+                  image_size=tuple(svt_cfg["image_size"]), seed=svt_cfg["seed"],
+                  lexicon_size=svt_cfg["lexicon_size"], max_words=svt_cfg["max_words"])
+    kwargs.update(overrides)
+    return make_synthsvt(root, **kwargs)  # type: ignore[arg-type]
