@@ -5,8 +5,11 @@ PYTHON_BOOT ?= python3
 VENV        := .venv
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
-# Tests and CI: tiny profile, never the network, caches and figures kept inside the checkout.
+# Tests and CI: tiny profile, never the network, caches and figures kept inside the checkout;
+# one thread per process, because pytest runs two workers on two cores (oversubscribed torch
+# threads made training steps 25x slower).
 TEST_ENV    := COURSE_PROFILE=smoke COURSE_OFFLINE=1 COURSE_CACHE=$(CURDIR)/.cache/test \
+               OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
                COURSE_FIGURES=$(CURDIR)/.cache/test/figures MPLBACKEND=Agg
 PYTEST_ARGS ?=
 

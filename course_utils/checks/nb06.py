@@ -1,0 +1,115 @@
+"""Checks for notebook 06 (CLIP word spotting on SVT, seed 004 §2.2-2.3).
+
+Each ``check_*`` runs the student's function on printed and hidden cases against the reference
+in :mod:`course_utils.clip_svt` and returns the function the rest of the notebook should use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import clip_svt as ref
+from . import Case, compare, run_exercise
+
+EXERCISES = ["6.1 probability_matrix", "6.2 soft_confusion", "6.3 similarity_entropy"]
+
+_COUNT_KEYS = ("tp", "tn", "fp", "fn")
+
+
+def _unit(g: torch.Generator, *shape: int) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def _random_PY(g: torch.Generator, n: int, m: int, k: int, scale: float = 20.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A softmax matrix ``P (n, m)`` and a bool ``Y (n, m)`` with ``k`` positives per row."""
+    P = (scale * _unit(g, n, 8) @ _unit(g, m, 8).T).softmax(dim=-1)
+    Y = torch.zeros(n, m, dtype=torch.bool)
+    for i in range(n):
+        Y[i, torch.randperm(m, generator=g)[:k]] = True
+    return P, Y
+
+
+def check_probability_matrix(fn: Callable) -> Callable:
+    """Exercise 6.1: ``probability_matrix(image_emb (n, d), text_emb (m, d), logit_scale) -> P (n, m)``."""
+    g = torch.Generator().manual_seed(601)
+    two = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    e = torch.tensor(1.0).exp().item()
+    cases = [
+        Case("two images, two words, scale 1", (two, two, 1.0),
+             expected=torch.tensor([[e / (e + 1), 1 / (e + 1)], [1 / (e + 1), e / (e + 1)]])),
+        Case("3 images x 5 words, d=8, CLIP's scale 100", (_unit(g, 3, 8), _unit(g, 5, 8), 100.0)),
+        Case("one image, 50 words (a lexicon)", (_unit(g, 1, 16), _unit(g, 50, 16), 14.0)),
+        Case("large scale: must not overflow (use softmax, not exp/sum)", (_unit(g, 2, 4), _unit(g, 6, 4), 1000.0)),
+    ]
+    hidden = [Case("h", (_unit(g, 7, 32), _unit(g, 300, 32), 100.0)),
+              Case("h", (_unit(g, 4, 8), _unit(g, 1, 8), 3.0))]
+    return run_exercise(EXERCISES[0], fn, ref.word_image_probabilities, cases, hidden)
+
+
+def _compare_counts(got, expected) -> str | None:
+    if not isinstance(got, dict):
+        return f"expected a dict with keys {list(_COUNT_KEYS)}, got {type(got).__name__}"
+    missing = [k for k in _COUNT_KEYS if k not in got]
+    if missing:
+        return f"the dict lacks keys {missing} (expected {list(_COUNT_KEYS)})"
+    for k in _COUNT_KEYS:
+        msg = compare(got[k], expected[k], atol=1e-6, rtol=1e-5, path=f"[{k!r}]")
+        if msg:
+            return msg
+    return None
+
+
+def _hide(cmp: Callable) -> Callable:
+    """Run ``cmp`` but never print a hidden case's numbers."""
+    def hidden(got, expected) -> str | None:
+        msg = cmp(got, expected)
+        return None if msg is None else msg.split(":")[0] + ": wrong value, shape or dtype"
+    return hidden
+
+
+def check_soft_confusion(fn: Callable) -> Callable:
+    """Exercise 6.2: approach 2, ``soft_confusion(P (n, m), Y (n, m) bool) -> {"tp", "tn", "fp", "fn"}``,
+    each ``(n,)`` float."""
+    g = torch.Generator().manual_seed(602)
+    P2 = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.1, 0.2, 0.4, 0.3]], dtype=torch.float64)
+    Y2 = torch.tensor([[True, True, False, False], [True, False, False, False]])
+    cases = [
+        Case("hand example: 2 images x 4 words", (P2, Y2),
+             expected={"tp": torch.tensor([1.6, 1.0], dtype=torch.float64),
+                       "tn": torch.tensor([0.0, 0.75], dtype=torch.float64),
+                       "fp": torch.tensor([2.0, 2.25], dtype=torch.float64),
+                       "fn": torch.tensor([0.4, 0.0], dtype=torch.float64)},
+             compare=_compare_counts),
+        Case("5 images x 60 words, 3 positives each", _random_PY(g, 5, 60, 3), compare=_compare_counts),
+        Case("an image with no positive word (tp = fn = 0)",
+             (torch.tensor([[0.2, 0.8], [0.6, 0.4]]), torch.tensor([[False, False], [True, False]])),
+             compare=_compare_counts),
+    ]
+    hidden = [Case("h", _random_PY(g, 9, 200, 50), compare=_hide(_compare_counts)),
+              Case("h", _random_PY(g, 3, 10, 1, scale=100.0), compare=_hide(_compare_counts))]
+    return run_exercise(EXERCISES[1], fn, ref.soft_confusion, cases, hidden)
+
+
+def check_similarity_entropy(fn: Callable) -> Callable:
+    """Exercise 6.3: Eq. 2.3.15, ``similarity_entropy(P (n, m), Y (n, m) bool) -> (n,)`` float,
+    NaN where an image has fewer than two positive words."""
+    g = torch.Generator().manual_seed(603)
+    uniform = torch.full((1, 4), 0.25)
+    cases = [
+        Case("uniform over the positives gives 1",
+             (uniform, torch.tensor([[True, True, True, False]])), expected=torch.tensor([1.0])),
+        Case("all mass on one positive gives 0",
+             (torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[True, True, False]])), expected=torch.tensor([0.0])),
+        Case("4 images x 30 words, 5 positives each", _random_PY(g, 4, 30, 5)),
+        Case("one positive only: NaN (log base 1 is undefined)",
+             (torch.tensor([[0.3, 0.7], [0.5, 0.5]]), torch.tensor([[True, False], [True, True]])),
+             expected=torch.tensor([float("nan"), 1.0])),
+    ]
+    hidden = [Case("h", _random_PY(g, 8, 120, 50)), Case("h", _random_PY(g, 2, 5, 2, scale=80.0))]
+    return run_exercise(EXERCISES[2], fn, ref.normalised_similarity_entropy, cases, hidden, atol=1e-5, rtol=1e-4)
+
+
+__all__ = ["EXERCISES", "check_probability_matrix", "check_soft_confusion", "check_similarity_entropy"]
