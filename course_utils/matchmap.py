@@ -1,0 +1,193 @@
+"""Matchmaps (seed 002, after Harwath et al. 2018): every word against every cell of a conv map.
+
+Instead of pooling the image into one vector, keep the last conv map ``(d, H, W)`` and compare each
+word feature with each cell: the *matchmap* ``M[t, h, w] = <word_t, cell_hw>`` (:func:`matchmap`).
+Three ways to turn it into one image-caption score (:func:`matchmap_score`):
+
+* ``SISA`` (sum image, sum audio/text): the mean of all entries;
+* ``MISA`` (max image, sum text): each word finds its best cell, averaged over words;
+* ``SIMA`` (sum image, max text): each cell finds its best word, averaged over cells.
+
+Training uses a margin ranking loss with one *sampled* impostor image and one impostor caption per
+pair (:func:`impostor_ranking_loss`), so a step costs 3B matchmaps instead of B^2.  A matchmap row
+is a heat map of one word over the image; the pointing game (:func:`pointing_game`) asks whether
+the hottest cell of a noun phrase lies inside the box of the object it names.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .captions import CaptionedSplit, Vocabulary, tokenize
+from .scan import Backbone, TextEncoder, length_mask
+
+AGGREGATORS = ("sisa", "misa", "sima")
+
+
+def matchmap(cells: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """``cells (d, H, W)``, ``words (n, d)`` -> ``(n, H, W)`` dot products."""
+    return torch.einsum("dhw,nd->nhw", cells, words)
+
+
+def matchmap_score(mm: torch.Tensor, agg: str, word_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Pool matchmaps ``(..., n, H, W)`` to scores ``(...)``; ``word_mask (..., n)`` skips padding."""
+    if agg not in AGGREGATORS:
+        raise ValueError(f"agg must be one of {AGGREGATORS}, got {agg!r}")
+    n = mm.shape[-3]
+    if word_mask is None:
+        word_mask = torch.ones(mm.shape[:-2], dtype=torch.bool, device=mm.device)
+    m = word_mask.to(mm.dtype)
+    n_words = m.sum(-1).clamp(min=1)
+    if agg == "sisa":
+        return (mm.mean((-1, -2)) * m).sum(-1) / n_words
+    if agg == "misa":
+        return (mm.flatten(-2).max(-1).values * m).sum(-1) / n_words
+    masked = mm.masked_fill(~word_mask[..., None, None].bool(), float("-inf"))
+    del n
+    return masked.max(-3).values.mean((-1, -2))
+
+
+class MatchmapModel(nn.Module):
+    """A frozen :class:`~course_utils.scan.Backbone` + a trainable cell projection, and a bi-GRU.
+
+    ``cells(images (B, 3, H, W)) -> (B, d, h, w)``; ``words(tokens, lengths) -> (B, L, d)``.
+    """
+
+    def __init__(self, backbone: Backbone, vocab_size: int, word_dim: int, embed_dim: int):
+        super().__init__()
+        self.backbone = backbone.eval()
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        c = backbone.out_channels
+        # A 3x3 conv lets a cell see its neighbours (a shape is several cells wide).
+        self.proj = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(c, embed_dim, 1))
+        self.txt = TextEncoder(vocab_size, word_dim, embed_dim, bidirectional=True)
+        self.stride = backbone.stride
+
+    def train(self, mode: bool = True) -> MatchmapModel:
+        super().train(mode)
+        self.backbone.eval()  # frozen: always in eval mode
+        return self
+
+    def cells(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            fmap = self.backbone(images)
+        return self.proj(fmap)
+
+    def words(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # Unnormalised: matchmap scores are raw dot products, as in Harwath et al.
+        return self.txt(tokens, lengths) * 4.0
+
+
+def pair_scores(cells: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor, agg: str) -> torch.Tensor:
+    """Scores of aligned pairs ``cells[b]`` with ``words[b]``: ``(B, d, h, w), (B, L, d) -> (B,)``."""
+    mm = torch.einsum("bdhw,bnd->bnhw", cells, words)
+    return matchmap_score(mm, agg, length_mask(lengths, words.shape[1]))
+
+
+def impostor_ranking_loss(cells: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor, agg: str,
+                          margin: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Margin ranking loss with one sampled impostor each way (Harwath et al.).
+
+    For each pair ``b``: an impostor image ``i != b`` and an impostor caption ``j != b``;
+    ``[margin - S(b, b) + S(i, b)]_+ + [margin - S(b, b) + S(b, j)]_+``, averaged.
+    """
+    b = cells.shape[0]
+    if b < 2:
+        raise ValueError("impostor sampling needs a batch of at least 2 pairs")
+    shift_i = torch.randint(1, b, (b,), generator=generator)
+    shift_j = torch.randint(1, b, (b,), generator=generator)
+    imp_i = (torch.arange(b) + shift_i) % b       # never b itself
+    imp_j = (torch.arange(b) + shift_j) % b
+    pos = pair_scores(cells, words, lengths, agg)
+    s_img = pair_scores(cells[imp_i], words, lengths, agg)
+    s_cap = pair_scores(cells, words[imp_j], lengths[imp_j], agg)
+    return (F.relu(margin - pos + s_img) + F.relu(margin - pos + s_cap)).mean()
+
+
+def train_matchmap(model: MatchmapModel, split: CaptionedSplit, vocab: Vocabulary, *, epochs: int,
+                   batch_size: int = 32, lr: float = 1e-3, agg: str = "misa", seed: int = 0,
+                   progress: bool = False) -> list[float]:
+    """Train on (image, random caption of it) pairs; returns the mean loss of each epoch."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    tokens, lengths = vocab.batch(split.texts)
+    losses = []
+    model.train()
+    for e in range(epochs):
+        perm = torch.randperm(len(split), generator=g).tolist()
+        tot = 0.0
+        for s in range(0, len(perm) - 1, batch_size):
+            idx = perm[s:s + batch_size]
+            if len(idx) < 2:
+                continue
+            caps = [5 * i + int(torch.randint(5, (1,), generator=g)) for i in idx]
+            images = torch.from_numpy(np.stack([split.image(i) for i in idx])).permute(0, 3, 1, 2).float() / 255
+            L = int(lengths[caps].max())
+            loss = impostor_ranking_loss(model.cells(images), model.words(tokens[caps, :L], lengths[caps]),
+                                         lengths[caps], agg, generator=g)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tot += loss.item() * len(idx)
+        losses.append(tot / len(perm))
+        if progress:
+            print(f"matchmap epoch {e + 1}/{epochs}: loss {losses[-1]:.4f}")
+    return losses
+
+
+def phrase_spans(text: str, phrases: list[str]) -> list[tuple[int, int]]:
+    """Token ``[start, end)`` of each noun phrase in the caption, in order of appearance."""
+    toks = tokenize(text)
+    spans, pos = [], 0
+    for ph in phrases:
+        p = tokenize(ph)
+        for s in range(pos, len(toks) - len(p) + 1):
+            if toks[s:s + len(p)] == p:
+                spans.append((s, s + len(p)))
+                pos = s + len(p)
+                break
+        else:
+            raise ValueError(f"noun phrase {ph!r} not found in caption {text!r}")
+    return spans
+
+
+@torch.no_grad()
+def phrase_heatmaps(model: MatchmapModel, split: CaptionedSplit, vocab: Vocabulary, c: int) -> list[torch.Tensor]:
+    """Heat maps ``(h, w)`` of each noun phrase of caption ``c`` over its own image."""
+    model.eval()
+    cap = split.captions[c]
+    i = int(split.cap_to_img[c])
+    tok, ln = vocab.batch([cap.text])
+    img = torch.from_numpy(split.image(i).copy()).permute(2, 0, 1).float()[None] / 255
+    mm = matchmap(model.cells(img)[0], model.words(tok, ln)[0])
+    return [mm[a:b].mean(0) for a, b in phrase_spans(cap.text, cap.phrases)]
+
+
+@torch.no_grad()
+def pointing_game(model: MatchmapModel, split: CaptionedSplit, vocab: Vocabulary,
+                  max_captions: int | None = None) -> dict[str, float]:
+    """Is the hottest cell of each noun phrase inside the box of the object it names?
+
+    Returns ``{"accuracy", "chance", "n"}`` in percent; ``chance`` is the accuracy of a uniformly
+    random cell (the mean fraction of the image the named box covers).
+    """
+    hits, chance, n = 0, 0.0, 0
+    caps = range(len(split.captions)) if max_captions is None else range(min(max_captions, len(split.captions)))
+    for c in caps:
+        cap = split.captions[c]
+        scene = split.scenes[int(split.cap_to_img[c])]
+        for hm, oi in zip(phrase_heatmaps(model, split, vocab, c), cap.objects):
+            h, w = hm.shape
+            y, x = divmod(int(hm.flatten().argmax()), w)
+            px, py = (x + 0.5) * scene.size / w, (y + 0.5) * scene.size / h   # cell centre in pixels
+            x1, y1, x2, y2 = scene.objects[oi].box
+            hits += int(x1 <= px <= x2 and y1 <= py <= y2)
+            chance += (x2 - x1) * (y2 - y1) / scene.size ** 2
+            n += 1
+    return {"accuracy": 100.0 * hits / max(n, 1), "chance": 100.0 * chance / max(n, 1), "n": n}

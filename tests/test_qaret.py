@@ -1,0 +1,150 @@
+"""Query-agnostic retrieval (notebook 05), matchmaps (notebook 04) and the nb04/nb05 checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from course_utils.captions import Vocabulary, build_captioned
+from course_utils.checks import nb04, nb05
+from course_utils.matchmap import (MatchmapModel, impostor_ranking_loss, matchmap, matchmap_score,
+                                   phrase_spans, pointing_game, train_matchmap)
+from course_utils.profiles import get_config
+from course_utils.qaret import (DecoderBlock, QueryAgnostic, contrastive_loss, encode_gallery,
+                                encode_queries, keep_regions, score_all, train_query_agnostic)
+from course_utils.scan import Backbone, attend, recall_at_k
+
+
+def test_keep_regions_area_threshold():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 3.0, 3.0], [4.0, 4.0, 4.0, 20.0]])
+    assert keep_regions(boxes, 100, 0.005).tolist() == [True, False, False]
+    assert keep_regions(boxes, 100, 0.0).tolist() == [True, True, False]
+    assert keep_regions(boxes[None].repeat(2, 1, 1), torch.tensor([[100.0, 100.0], [10.0, 10.0]]), 0.05).tolist() == [
+        [False, False, False], [True, True, False]]
+    with pytest.raises(ValueError, match="last dimension 4"):
+        keep_regions(torch.zeros(3, 5), 10, 0.1)
+
+
+def test_decoder_block_follows_the_equations():
+    torch.manual_seed(0)
+    blk = DecoderBlock(8, 2).eval()
+    img, reg = torch.randn(3, 8), torch.randn(3, 4, 8)
+    keep = torch.tensor([[True, True, False, True], [True] * 4, [False] * 4])
+    out = blk(img, reg, keep)
+    assert out.shape == (3, 8)
+    # By hand: q = LN(I), k = v = LN(X), Y = I + MHSA, Y_hat = Y + FFN(Y).
+    q, kv = blk.ln_q(img)[:, None], blk.ln_kv(reg)
+    y0 = img[1] + blk.attn(q[1:2], kv[1:2], kv[1:2])[0][0, 0]
+    assert torch.allclose(out[1], y0 + blk.ffn(y0), atol=1e-5)
+    # Skipped regions have no influence, whatever their features.
+    reg2 = reg.clone()
+    reg2[0, 2] = 100.0
+    assert torch.allclose(blk(img, reg2, keep)[0], out[0], atol=1e-5)
+    # No region kept: no NaN, and Y = I.
+    y2 = img[2]
+    assert torch.allclose(out[2], y2 + blk.ffn(y2), atol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def test_contrastive_loss_prefers_aligned_pairs():
+    e = torch.eye(4)
+    good = contrastive_loss(e, e, 0.05)
+    bad = contrastive_loss(e, e[[1, 0, 3, 2]], 0.05)
+    assert good < 0.01 < bad
+    # Two captions of one image are not negatives of each other.
+    ids = torch.tensor([0, 0, 1, 2])
+    same = torch.stack([e[0], e[0], e[2], e[3]])
+    assert contrastive_loss(same, same, 0.05, ids) < contrastive_loss(same, same, 0.05)
+
+
+def test_query_agnostic_scores_equal_pairwise_dot_products_and_train():
+    cfg = get_config("smoke").retrieval
+    sp = build_captioned(cfg)["train"]
+    vocab = Vocabulary()
+    tok, ln = vocab.batch(sp.texts)
+    n, k, f = len(sp), 4, 12
+    torch.manual_seed(0)
+    glob, reg = torch.randn(n, f), torch.randn(n, k, f)
+    keep = torch.rand(n, k) > 0.3
+    keep[0] = False  # an image whose regions were all skipped still gets an embedding
+    model = QueryAgnostic(f, len(vocab), 8, 16, 2)
+    hist = train_query_agnostic(model, glob, reg, keep, tok, ln, sp.cap_to_img, epochs=1, batch_size=16,
+                                lr=1e-3, progress=False)
+    assert len(hist) == 1
+    g = encode_gallery(model, glob, reg, keep, batch_size=7)
+    q = encode_queries(model, tok, ln, batch_size=33)
+    assert g.shape == (n, 16) and q.shape == (5 * n, 16) and torch.isfinite(g).all()
+    sims = score_all(g, q)
+    assert torch.allclose(sims[3, 7], (g[3] * q[7]).sum(), atol=1e-6)
+    assert 0 <= recall_at_k(sims, sp.cap_to_img)["rsum"] <= 600
+    with pytest.raises(ValueError, match=r"regions \(B, k, F\)"):
+        model.encode_image(glob, reg[:, 0], keep)
+
+
+def test_matchmap_scores_by_hand():
+    mm = torch.zeros(1, 2, 2, 2)
+    mm[0, 0] = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    mm[0, 1] = torch.tensor([[0.0, 0.0], [0.0, 3.0]])
+    assert torch.allclose(matchmap_score(mm, "sisa"), torch.tensor([(0.25 + 0.75) / 2]))
+    assert torch.allclose(matchmap_score(mm, "misa"), torch.tensor([2.0]))
+    assert torch.allclose(matchmap_score(mm, "sima"), torch.tensor([1.0]))  # cells: 1, 0, 0, 3
+    m = torch.tensor([[True, False]])
+    assert torch.allclose(matchmap_score(mm, "misa", m), torch.tensor([1.0]))
+    assert torch.allclose(matchmap_score(mm, "sima", m), torch.tensor([0.25]))
+    assert matchmap(torch.ones(4, 3, 5), torch.ones(2, 4)).shape == (2, 3, 5)
+    with pytest.raises(ValueError, match="agg must be"):
+        matchmap_score(mm, "mean")
+
+
+def test_phrase_spans():
+    assert phrase_spans("a big x left of a y and a big x", ["a big x", "a y", "a big x"]) == [(0, 3), (5, 7), (8, 11)]
+    with pytest.raises(ValueError, match="not found"):
+        phrase_spans("a red circle", ["a blue square"])
+
+
+def test_matchmap_training_and_pointing_game():
+    cfg = get_config("smoke").retrieval
+    sp = build_captioned(cfg)["train"]
+    vocab = Vocabulary()
+    torch.manual_seed(0)
+    model = MatchmapModel(Backbone(4), len(vocab), 8, 8)
+    before = [p.clone() for p in model.backbone.parameters()]
+    losses = train_matchmap(model, sp, vocab, epochs=1, batch_size=8)
+    assert len(losses) == 1 and losses[0] > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.backbone.parameters()))  # frozen
+    pg = pointing_game(model, sp, vocab, max_captions=10)
+    assert pg["n"] > 0 and 0 <= pg["accuracy"] <= 100 and 0 < pg["chance"] < 100
+    cells, words = torch.randn(4, 8, 3, 3), torch.randn(4, 5, 8)
+    loss = impostor_ranking_loss(cells, words, torch.tensor([5, 3, 4, 2]), "misa",
+                                 generator=torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and loss >= 0
+    with pytest.raises(ValueError, match="at least 2"):
+        impostor_ranking_loss(cells[:1], words[:1], torch.tensor([5]), "misa")
+
+
+def test_checks_accept_the_reference_and_reject_a_wrong_function(capsys):
+    from course_utils import matchmap as mm_ref
+    from course_utils import qaret, scan
+
+    assert nb04.check_attend(scan.attend) is scan.attend
+    assert nb04.check_matchmap_score(mm_ref.matchmap_score) is mm_ref.matchmap_score
+    assert nb05.check_decoder_block(qaret.decoder_block) is qaret.decoder_block
+    assert nb05.check_keep_regions(qaret.keep_regions) is qaret.keep_regions
+
+    def no_clip(q, c, lam, context_mask=None):
+        return torch.softmax(lam * (q @ c.T), dim=1) @ c
+
+    assert nb04.check_attend(no_clip) is attend
+    out = capsys.readouterr().out
+    assert "4.1 attend" in out and "values differ" in out
+
+    def not_done(*a, **k):
+        raise NotImplementedError
+
+    assert nb05.check_contrastive_loss(not_done) is qaret.contrastive_loss
+    assert "not implemented yet" in capsys.readouterr().out
+    lse, avg = nb04.check_pooling(scan.pool_lse, lambda r, mask=None: r.sum(-1))
+    assert lse is scan.pool_lse and avg is scan.pool_avg
+    assert nb04.check_triplet_loss(scan.hardest_negative_triplet_loss) is scan.hardest_negative_triplet_loss
+    assert nb04.check_recall_at_k(scan.recall_at_k) is scan.recall_at_k
+    assert nb05.check_contrastive_loss(qaret.contrastive_loss) is qaret.contrastive_loss
