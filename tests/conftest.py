@@ -11,3 +11,7 @@ os.environ.setdefault("COURSE_OFFLINE", "1")
 os.environ.setdefault("COURSE_CACHE", tempfile.mkdtemp(prefix="course-cache-"))
 os.environ.setdefault("COURSE_FIGURES", os.path.join(os.environ["COURSE_CACHE"], "figures"))
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+# The grader's fixture notebooks are inputs of tests/test_grade.py (one is not even valid JSON);
+# nbval must not collect them as notebooks to execute.
+collect_ignore_glob = ["fixtures/*"]
