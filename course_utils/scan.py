@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -213,7 +214,7 @@ def build_features(splits: dict[str, CaptionedSplit], cfg: dict, seed: int = 0, 
              for j, (name, sp) in enumerate(splits.items())}
     if cache:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / "features.pt.tmp"
+        tmp = root / f".features.pt.tmp-{os.getpid()}"  # per process: notebooks may build this at once
         torch.save({"features": feats, "backbone": backbone.state_dict(), "stats": stats}, tmp)
         tmp.replace(path)
     return feats, backbone, stats

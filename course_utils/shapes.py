@@ -250,7 +250,9 @@ def build_shapes(cfg_shapes: dict, seed: int = 0, cache: bool = True) -> dict[st
                                      first_id=first)
             if root is not None:
                 (root / split).mkdir(parents=True, exist_ok=True)
-                tmp = root / f"{split}.json.tmp"
+                # A per-process name: two notebooks building the same cache at once must not
+                # write into one temporary file.
+                tmp = root / f".{split}.json.tmp-{os.getpid()}"
                 tmp.write_text(json.dumps([scene_to_dict(s) for s in scenes]))
                 os.replace(tmp, root / f"{split}.json")
         image_dir = None

@@ -22,6 +22,7 @@ the same call writes identical bytes (JPEG quality fixed, no timestamps in the f
 from __future__ import annotations
 
 import os
+import shutil
 import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -406,6 +407,10 @@ def make_synthsvt(root: str | os.PathLike[str], *, n_train: int = 100, n_test: i
     stamp_file = root / "SYNTHSVT"
     if not overwrite and stamp_file.is_file() and stamp_file.read_text() == stamp:
         return root
+    # Build in a private folder and move it into place at the end: two notebooks building the
+    # same SynthSVT at once must never read each other's half-written files.
+    final, root = root, root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(root, ignore_errors=True)
     (root / "img").mkdir(parents=True, exist_ok=True)
     p = zipf_weights(len(vocabulary), zipf_exponent)
     for split, n in (("train", n_train), ("test", n_test)):
@@ -423,8 +428,16 @@ def make_synthsvt(root: str | os.PathLike[str], *, n_train: int = 100, n_test: i
             parts.append(_image_xml(name, address, lexicon, scene.size, boxes))
         parts.append("</tagset>\n")
         (root / f"{split}.xml").write_text("".join(parts), encoding="utf-8")
-    stamp_file.write_text(stamp)
-    return root
+    (root / "SYNTHSVT").write_text(stamp)
+    if (final / "SYNTHSVT").is_file() and (final / "SYNTHSVT").read_text() == stamp and not overwrite:
+        shutil.rmtree(root)  # another process finished the identical folder first
+        return final
+    shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.replace(root, final)
+    except OSError:  # another process moved its identical copy in between: keep that one
+        shutil.rmtree(root, ignore_errors=True)
+    return final
 
 
 # --------------------------------------------------------------------------------------------
