@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .shapes import SHAPES
+from .shapes import SHAPES, draw_shape
 
 # Eight colours (the three of notebooks 01-03 plus five mixtures) so that a caption of two or
 # three objects names a nearly unique image among a thousand: 3 shapes x 8 colours x 2 sizes.
@@ -159,16 +159,8 @@ def render(scene: CaptionedScene) -> np.ndarray:
     draw = ImageDraw.Draw(img)
     rng = np.random.default_rng([scene.image_id, 7])
     for o in scene.objects:
-        x1, y1, x2, y2 = o.box
         k = rng.uniform(0.8, 1.0)
-        fill = tuple(int(c * k) for c in _PALETTE[o.color])
-        # PIL draws x2/y2 inclusive; subtract 1 so the pixels stay inside the box.
-        if o.shape == "circle":
-            draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=fill)
-        elif o.shape == "square":
-            draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=fill)
-        else:
-            draw.polygon([(x1, y2 - 1), (x2 - 1, y2 - 1), ((x1 + x2 - 1) / 2, y1)], fill=fill)
+        draw_shape(draw, o.shape, o.box, tuple(int(c * k) for c in _PALETTE[o.color]))
     return np.asarray(img)
 
 

@@ -126,6 +126,19 @@ def make_scene(image_id: int, rng: np.random.Generator, size: int, min_shapes: i
     return Scene(image_id, size, objects, query, terms, aligned)
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Sequence[float],
+               fill: tuple[int, int, int]) -> None:
+    """Draw one circle, square or (upward) triangle filling ``box = (x1, y1, x2, y2)``."""
+    x1, y1, x2, y2 = box
+    # PIL draws x2/y2 inclusive; subtract 1 so the drawn pixels stay inside the box.
+    if shape == "circle":
+        draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=fill)
+    elif shape == "square":
+        draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=fill)
+    else:
+        draw.polygon([(x1, y2 - 1), (x2 - 1, y2 - 1), ((x1 + x2 - 1) / 2, y1)], fill=fill)
+
+
 def render_scene(scene: Scene, rng_seed: int | None = None) -> np.ndarray:
     """Draw ``scene`` on black: ``-> (H, W, 3)`` uint8.  Each object gets its own brightness."""
     img = Image.new("RGB", (scene.size, scene.size))
@@ -136,14 +149,7 @@ def render_scene(scene: Scene, rng_seed: int | None = None) -> np.ndarray:
         level = int(rng.integers(160, 256))
         rgb = [0, 0, 0]
         rgb[_RGB[obj.color][0]] = level
-        fill = tuple(rgb)
-        # PIL draws x2/y2 inclusive; subtract 1 so the drawn pixels stay inside the box.
-        if obj.shape == "circle":
-            draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=fill)
-        elif obj.shape == "square":
-            draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=fill)
-        else:
-            draw.polygon([(x1, y2 - 1), (x2 - 1, y2 - 1), ((x1 + x2 - 1) / 2, y1)], fill=fill)
+        draw_shape(draw, obj.shape, obj.box, tuple(rgb))
     return np.asarray(img)
 
 

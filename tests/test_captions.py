@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from course_utils.captions import (CAPTIONS_PER_IMAGE, Vocabulary, build_captioned, load_karpathy,
-                                   relation, render, tokenize)
+from course_utils.captions import (
+    CAPTIONS_PER_IMAGE,
+    Vocabulary,
+    build_captioned,
+    load_karpathy,
+    relation,
+    render,
+    tokenize,
+)
 from course_utils.profiles import all_profiles, get_config
 
 CFG = dict(get_config("smoke").retrieval)

@@ -423,9 +423,8 @@ def test_word_spotting_metrics() -> None:
 
 
 def test_checks_accept_the_reference_and_fall_back_on_mistakes(capsys: pytest.CaptureFixture[str]) -> None:
-    from course_utils.checks import nb08
-
     from course_utils import checks
+    from course_utils.checks import nb08
 
     def own(fn):  # the reference as a student's own correct function
         def student(*args, **kwargs):

@@ -7,11 +7,26 @@ import torch
 
 from course_utils.captions import Vocabulary, build_captioned
 from course_utils.checks import nb04, nb05
-from course_utils.matchmap import (MatchmapModel, impostor_ranking_loss, matchmap, matchmap_score,
-                                   phrase_spans, pointing_game, train_matchmap)
+from course_utils.matchmap import (
+    MatchmapModel,
+    impostor_ranking_loss,
+    matchmap,
+    matchmap_score,
+    phrase_spans,
+    pointing_game,
+    train_matchmap,
+)
 from course_utils.profiles import get_config
-from course_utils.qaret import (DecoderBlock, QueryAgnostic, contrastive_loss, encode_gallery,
-                                encode_queries, keep_regions, score_all, train_query_agnostic)
+from course_utils.qaret import (
+    DecoderBlock,
+    QueryAgnostic,
+    contrastive_loss,
+    encode_gallery,
+    encode_queries,
+    keep_regions,
+    score_all,
+    train_query_agnostic,
+)
 from course_utils.scan import Backbone, attend, recall_at_k
 
 

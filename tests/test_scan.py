@@ -10,10 +10,26 @@ import torch.nn.functional as F
 
 from course_utils.captions import Vocabulary, build_captioned
 from course_utils.profiles import get_config
-from course_utils.scan import (SCAN, ImageEncoder, ScanConfig, TextEncoder, attend, clipped_l2norm,
-                               evaluate_retrieval, extract_features, hardest_negative_triplet_loss,
-                               l2norm, length_mask, pool_avg, pool_lse, recall_at_k, scan_similarity,
-                               scan_similarity_loop, train_backbone, train_scan)
+from course_utils.scan import (
+    SCAN,
+    ImageEncoder,
+    ScanConfig,
+    TextEncoder,
+    attend,
+    clipped_l2norm,
+    evaluate_retrieval,
+    extract_features,
+    hardest_negative_triplet_loss,
+    l2norm,
+    length_mask,
+    pool_avg,
+    pool_lse,
+    recall_at_k,
+    scan_similarity,
+    scan_similarity_loop,
+    train_backbone,
+    train_scan,
+)
 
 VARIANTS = [ScanConfig(d, a, 4.0 if d == "i2t" else 9.0, 6.0) for d in ("t2i", "i2t") for a in ("lse", "avg")]
 
