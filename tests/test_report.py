@@ -91,3 +91,13 @@ def test_real_readme_table_is_up_to_date() -> None:
     assert not report.update_readme(readme, REPO / "benchmarks" / "results", check=True), (
         "README results table differs from benchmarks/results/*.json: "
         "run `python -m course_utils.report`")
+
+
+def test_smoke_rows_hidden_when_the_benchmark_has_a_real_profile():
+    def result(name: str, profile: str) -> dict:
+        return {"name": name, "profile": profile, "machine": {"device": "cpu", "cpu_count": 2},
+                "rows": [{"notebook": "04", "experiment": name, "metric": "m", "ours": 1, "paper": None}]}
+
+    table = report.results_table([result("retrieval_smoke", "smoke"), result("retrieval_cpu", "cpu"),
+                                  result("grading", "smoke")])
+    assert "retrieval_cpu" in table and "retrieval_smoke" not in table and "grading" in table
