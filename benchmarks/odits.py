@@ -24,13 +24,10 @@ squashed to 32x128 hardly at all, so CLIP-on-the-whole-image is a weak baseline 
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from course_utils import odits as O
 from course_utils.env import get_device
@@ -41,75 +38,6 @@ from course_utils.report import write_result
 TABLE_COLUMNS = ("accuracy", "precision", "recall", "f1", "uniformity", "lexicon50_top1")
 #: Table 3.3 of the seed: SAM objects on real SVT, H0 "exponential"
 PAPER_AD_EXPON = 20.4421
-
-
-def load_bundle(kind: str, profile: str, checkpoint: str | None, device: torch.device) -> Any:
-    """The CLIP ODITS starts from: the profile's CLIP (a random small one, said loudly, while
-    ``data/small_clip/`` is missing), then notebook 07's fine-tuned weights: ``checkpoint`` when
-    given, else the best-precision checkpoint notebook 07 saved for this profile, if any."""
-    from course_utils import svt_finetune as sf
-
-    bundle = sf.load_model(kind, device=device)
-    path = Path(checkpoint) if checkpoint else sf.best_checkpoint_path(profile)
-    shipped = bundle.info.get("path")  # the small CLIP's weights file
-    if (not checkpoint and path.is_file() and shipped
-            and path.stat().st_mtime < Path(shipped).stat().st_mtime):
-        # notebook 07's file carries no provenance: one older than the shipped weights was
-        # fine-tuned from something else (e.g. a random CLIP before the weights existed)
-        print(f"[odits] ignoring {path}: older than {shipped}, so not fine-tuned from it")
-        return bundle
-    if path.is_file():
-        O.load_clip_weights(bundle.model, path)
-        bundle.weights += f" + notebook 07's fine-tuned weights ({path})"
-        bundle.info["finetuned"] = True
-    elif checkpoint:
-        raise FileNotFoundError(f"--clip-checkpoint {checkpoint}: no such file")
-    return bundle
-
-
-def finetune_here(bundle: Any, train: Any, test: Any, cfg: Any) -> str:
-    """Notebook 07's recipe when its checkpoint is missing: fine-tune the CLIP with Algorithm 1
-    (Table 2.5's Adam settings of the profile) and keep the checkpoint with the best test
-    precision, as the thesis and notebook 07 do.  Changes ``bundle.model`` in place."""
-    import tempfile
-
-    from course_utils import svt_finetune as sf
-    from course_utils.train import checkpoint_path, load_checkpoint
-
-    ev = sf.build_eval_set(test, bundle)
-    zero = sf.evaluate(bundle.model, ev)
-    ckpt_dir = Path(tempfile.mkdtemp(prefix="odits_ft_"))
-    sf.finetune(bundle.model, sf.pair_dataset(train, bundle), cfg.svt, ckpt_dir, resume=False,
-                seed=cfg.svt.seed, progress=False)
-    rows = sf.evaluate_checkpoints(bundle.model, ev, ckpt_dir, sf.checkpoint_epochs(cfg.svt),
-                                   zero_shot=zero, verbose=False)
-    best = sf.best_by(rows, "precision")
-    load_checkpoint(checkpoint_path(ckpt_dir, best["epoch"]), model=bundle.model)
-    bundle.model.eval()
-    return (f" + fine-tuned here with notebook 07's recipe (checkpoint +{best['epoch']} of "
-            f"{cfg.svt.ft_epochs}, chosen by precision: {zero['precision']:.4f} -> {best['precision']:.4f} "
-            f"on {ev.unit}s)")
-
-
-def train_odits(bundle: Any, feats: O.ODITSFeatures, words: list[str], text_emb: torch.Tensor,
-                cfg: Any, use_objects: bool, device: torch.device) -> tuple[O.ODITS, dict[str, Any]]:
-    """Build ODITS on a copy of the CLIP and train its new layers with ``fit``."""
-    from course_utils.train import fit
-
-    oc = cfg.odits
-    O.set_deterministic(oc.seed)
-    model = O.ODITS(copy.deepcopy(bundle.model), heads=oc.heads, ff_mult=oc.ff_mult, init=oc.init,
-                    seed=oc.seed, use_objects=use_objects, freeze_clip=oc.freeze_clip)
-    model.set_vocabulary(words, text_emb)
-    weights = O.word_class_weights(feats.targets, oc.class_weight_power)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay)
-    t0 = time.perf_counter()
-    hist = fit(model, O.make_step_fn(weights), O.FeatureDataset(feats), epochs=oc.epochs,
-               batch_size=oc.batch_size, optimizer=opt, seed=oc.seed, grad_clip=oc.grad_clip,
-               progress=False, desc="odits" if use_objects else "odits-no-objects", device=device)
-    return model, {"train_s": time.perf_counter() - t0, "final_loss": hist.train["loss"][-1],
-                   "trainable_params": sum(p.numel() for p in params)}
 
 
 def _finite(x: Any) -> Any:
@@ -153,10 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{len(data.test)} test)")
     words = word_spotting_vocabulary(list(splits.values()))
     device = get_device()
-    bundle = load_bundle(cfg.svt.clip_kind, profile, args.clip_checkpoint, device)
+    bundle = O.load_start_clip(cfg.svt.clip_kind, profile, args.clip_checkpoint, device)
     t0 = time.perf_counter()
     if not bundle.info.get("finetuned") and oc.finetune_clip_if_missing and not args.no_finetune:
-        bundle.weights += finetune_here(bundle, splits["train"], splits["test"], cfg)
+        O.finetune_like_notebook07(bundle, splits["train"], splits["test"], cfg.svt)
     t_finetune = time.perf_counter() - t0
     source, source_line = load_mask_source(oc.mask_source, device=device, max_objects=oc.max_objects)
     print(f"[odits] data: {data_line}; vocabulary {len(words)} words\n[odits] {bundle.weights}\n"
@@ -177,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     runs: dict[str, dict[str, Any]] = {}
     for name, use in (("odits", True), ("odits_no_objects", False)):
-        model, info = train_odits(bundle, feats["train"], words, text_emb, cfg, use, device)
+        model, _, info = O.train_odits(bundle.model, feats["train"], words, text_emb, oc, use_objects=use,
+                                       device=device)
         t0 = time.perf_counter()
         pred = O.predict(model, test)
         info["predict_s"] = time.perf_counter() - t0

@@ -9,10 +9,12 @@ Models (:func:`load_clip`):
   ``laion2b_s34b_b79k`` as a second choice.  Needs a download.
 * ``small`` — the course's own small open_clip ``CLIP`` (:data:`SMALL_CLIP_CONFIG`), pretrained
   contrastively on rendered words by ``tools/pretrain_small_clip.py`` and shipped in
-  ``data/small_clip/``.  It uses open_clip's standard BPE tokenizer (open_clip has no
-  character-level one): a frequent word such as ``JOINT`` is one token, a rare one such as
-  ``JOINE`` is split into pieces (``jo`` + ``ine``), so the text tower must learn what letters
-  each piece stands for.
+  ``data/small_clip/``.  It reads words letter by letter: its tokenizer is open_clip's standard
+  BPE applied to the spelled-out word (:func:`spell_out`: ``JOINT`` → ``J O I N T``, one token
+  per letter).  With plain BPE a frequent word such as ``JOINT`` is one token and a rare one such
+  as ``JOINE`` two unrelated pieces (``jo`` + ``ine``), so a small model would have to learn the
+  spelling of thousands of tokens from pictures; with letters it learns 26 tokens and how their
+  order makes a word, which is what telling look-alikes apart needs.
 
 Metrics (seed 004 §2.2-2.3), all on a probability matrix ``P`` of shape ``(n_images, n_words)``
 and a boolean matrix ``Y`` of the same shape (``Y[i, j]``: word ``j`` belongs to image ``i``,
@@ -231,11 +233,20 @@ def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
+def spell_out(text: str) -> str:
+    """``"JOINT"`` → ``"J O I N T"``: the small CLIP's text input, one BPE token per letter.
+
+    A space inside ``text`` becomes ``_`` first, so word boundaries survive the spelling.
+    """
+    return " ".join(text.replace(" ", "_"))
+
+
 def _small_tokenizer() -> Callable[[Sequence[str]], torch.Tensor]:
+    """The small CLIP's tokenizer: open_clip's BPE on the spelled-out text (:func:`spell_out`)."""
     import open_clip
 
     tok = open_clip.get_tokenizer("ViT-B-32", context_length=SMALL_CLIP_CONFIG["text_cfg"]["context_length"])
-    return lambda texts: tok(list(texts))
+    return lambda texts: tok([spell_out(t) for t in texts])
 
 
 def _load_small(weights_dir: Path, device: torch.device) -> ClipBundle:

@@ -8,8 +8,13 @@ Three ways to turn it into one image-caption score (:func:`matchmap_score`):
 * ``MISA`` (max image, sum text): each word finds its best cell, averaged over words;
 * ``SIMA`` (sum image, max text): each cell finds its best word, averaged over cells.
 
-Training uses a margin ranking loss with one *sampled* impostor image and one impostor caption per
-pair (:func:`impostor_ranking_loss`), so a step costs 3B matchmaps instead of B^2.  A matchmap row
+Training uses a margin ranking loss with *sampled* impostor images and impostor captions per pair
+(:func:`impostor_ranking_loss`), so a step costs (1 + 2k)B matchmaps instead of B^2.
+
+Cells and words are L2-normalised, so every matchmap entry is a cosine in [-1, 1] and the margin
+(0.2, as SCAN's) has a fixed meaning.  With raw dot products (Harwath et al.'s choice, margin 1)
+this small model collapses here: every score drifts to the same value, the loss sits at exactly
+2 x margin and the hottest cell never lands on the named object (pointing game 0 %).  A matchmap row
 is a heat map of one word over the image; the pointing game (:func:`pointing_game`) asks whether
 the hottest cell of a noun phrase lies inside the box of the object it names.
 """
@@ -53,7 +58,8 @@ def matchmap_score(mm: torch.Tensor, agg: str, word_mask: torch.Tensor | None = 
 class MatchmapModel(nn.Module):
     """A frozen :class:`~course_utils.scan.Backbone` + a trainable cell projection, and a bi-GRU.
 
-    ``cells(images (B, 3, H, W)) -> (B, d, h, w)``; ``words(tokens, lengths) -> (B, L, d)``.
+    ``cells(images (B, 3, H, W)) -> (B, d, h, w)``; ``words(tokens, lengths) -> (B, L, d)``; both
+    unit length along ``d`` (each cell, each word), so matchmap entries are cosines.
     """
 
     def __init__(self, backbone: Backbone, vocab_size: int, word_dim: int, embed_dim: int):
@@ -75,11 +81,10 @@ class MatchmapModel(nn.Module):
     def cells(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             fmap = self.backbone(images)
-        return self.proj(fmap)
+        return F.normalize(self.proj(fmap), dim=1)
 
     def words(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        # Unnormalised: matchmap scores are raw dot products, as in Harwath et al.
-        return self.txt(tokens, lengths) * 4.0
+        return self.txt(tokens, lengths)  # already unit length per word (padding stays zero)
 
 
 def pair_scores(cells: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor, agg: str) -> torch.Tensor:
@@ -89,29 +94,65 @@ def pair_scores(cells: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor,
 
 
 def impostor_ranking_loss(cells: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor, agg: str,
-                          margin: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Margin ranking loss with one sampled impostor each way (Harwath et al.).
+                          margin: float = 0.2, generator: torch.Generator | None = None,
+                          impostors: int = 1) -> torch.Tensor:
+    """Margin ranking loss with sampled impostors each way (Harwath et al.).
 
-    For each pair ``b``: an impostor image ``i != b`` and an impostor caption ``j != b``;
-    ``[margin - S(b, b) + S(i, b)]_+ + [margin - S(b, b) + S(b, j)]_+``, averaged.
+    For each pair ``b``, ``impostors`` impostor images ``i != b`` and as many impostor captions
+    ``j != b`` are drawn at random; each side keeps its *hardest* draw (as VSE++ keeps the hardest
+    negative of the whole batch, at the cost of ``2k`` instead of ``2(B-1)`` extra matchmaps):
+    ``max_i [margin - S(b, b) + S(i, b)]_+ + max_j [margin - S(b, b) + S(b, j)]_+``, averaged over
+    pairs.  ``impostors=1`` is Harwath et al.'s single random impostor.
+
+    ``cells (B, d, h, w)``, ``words (B, L, d)``, ``lengths (B,)`` -> a scalar.
     """
     b = cells.shape[0]
     if b < 2:
         raise ValueError("impostor sampling needs a batch of at least 2 pairs")
-    shift_i = torch.randint(1, b, (b,), generator=generator)
-    shift_j = torch.randint(1, b, (b,), generator=generator)
-    imp_i = (torch.arange(b) + shift_i) % b       # never b itself
-    imp_j = (torch.arange(b) + shift_j) % b
+    if impostors < 1:
+        raise ValueError(f"impostors={impostors}: sample at least one impostor per pair")
     pos = pair_scores(cells, words, lengths, agg)
-    s_img = pair_scores(cells[imp_i], words, lengths, agg)
-    s_cap = pair_scores(cells, words[imp_j], lengths[imp_j], agg)
-    return (F.relu(margin - pos + s_img) + F.relu(margin - pos + s_cap)).mean()
+    h_img, h_cap = [], []
+    for _ in range(impostors):
+        imp_i = (torch.arange(b) + torch.randint(1, b, (b,), generator=generator)) % b  # never b itself
+        imp_j = (torch.arange(b) + torch.randint(1, b, (b,), generator=generator)) % b
+        h_img.append(F.relu(margin - pos + pair_scores(cells[imp_i], words, lengths, agg)))
+        h_cap.append(F.relu(margin - pos + pair_scores(cells, words[imp_j], lengths[imp_j], agg)))
+    return (torch.stack(h_img).max(0).values + torch.stack(h_cap).max(0).values).mean()
+
+
+def batch_scores(cells: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor, agg: str) -> torch.Tensor:
+    """Every image of the batch against every caption: ``(B, d, h, w), (C, L, d) -> (B, C)``."""
+    mask = length_mask(lengths, words.shape[1])
+    return torch.stack([matchmap_score(torch.einsum("dhw,cnd->cnhw", c, words), agg, mask) for c in cells])
+
+
+def contrastive_matchmap_loss(cells: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor, agg: str,
+                              temperature: float = 0.1) -> torch.Tensor:
+    """Symmetric InfoNCE over the batch's matchmap scores: every other pair is an impostor.
+
+    ``S = batch_scores / temperature``; the loss is the mean of the cross-entropies of the rows
+    (which caption is image ``b``'s?) and the columns (which image is caption ``b``'s?), the right
+    answer being the diagonal.  Costs ``B^2`` matchmaps per step.
+    """
+    if cells.shape[0] < 2:
+        raise ValueError("a contrastive batch needs at least 2 pairs")
+    S = batch_scores(cells, words, lengths, agg) / temperature
+    target = torch.arange(S.shape[0])
+    return 0.5 * (F.cross_entropy(S, target) + F.cross_entropy(S.T, target))
 
 
 def train_matchmap(model: MatchmapModel, split: CaptionedSplit, vocab: Vocabulary, *, epochs: int,
                    batch_size: int = 32, lr: float = 1e-3, agg: str = "misa", seed: int = 0,
+                   margin: float = 0.2, impostors: int = 1, loss: str = "ranking", temperature: float = 0.1,
                    progress: bool = False) -> list[float]:
-    """Train on (image, random caption of it) pairs; returns the mean loss of each epoch."""
+    """Train on (image, random caption of it) pairs; returns the mean loss of each epoch.
+
+    ``loss="ranking"``: :func:`impostor_ranking_loss` (``margin``, ``impostors``);
+    ``loss="contrastive"``: :func:`contrastive_matchmap_loss` (``temperature``).
+    """
+    if loss not in ("ranking", "contrastive"):
+        raise ValueError(f"loss={loss!r}: expected 'ranking' or 'contrastive'")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -129,12 +170,16 @@ def train_matchmap(model: MatchmapModel, split: CaptionedSplit, vocab: Vocabular
             caps = [5 * i + int(torch.randint(5, (1,), generator=g)) for i in idx]
             images = torch.from_numpy(np.stack([split.image(i) for i in idx])).permute(0, 3, 1, 2).float() / 255
             L = int(lengths[caps].max())
-            loss = impostor_ranking_loss(model.cells(images), model.words(tokens[caps, :L], lengths[caps]),
-                                         lengths[caps], agg, generator=g)
+            cells, words = model.cells(images), model.words(tokens[caps, :L], lengths[caps])
+            if loss == "ranking":
+                value = impostor_ranking_loss(cells, words, lengths[caps], agg, margin=margin, generator=g,
+                                              impostors=impostors)
+            else:
+                value = contrastive_matchmap_loss(cells, words, lengths[caps], agg, temperature)
             opt.zero_grad()
-            loss.backward()
+            value.backward()
             opt.step()
-            tot += loss.item() * len(idx)
+            tot += value.item() * len(idx)
         losses.append(tot / len(perm))
         if progress:
             print(f"matchmap epoch {e + 1}/{epochs}: loss {losses[-1]:.4f}")

@@ -87,6 +87,9 @@ __all__ = [
     "word_class_weights",
     "class_weighted_loss",
     "make_step_fn",
+    "load_start_clip",
+    "finetune_like_notebook07",
+    "train_odits",
     "ODITSFeatures",
     "FeatureDataset",
     "extract_features",
@@ -494,15 +497,24 @@ class ODITS(nn.Module):
         use_objects: ``False`` is the ablation without objects (image + vocabulary only).
         freeze_clip: keep the shared parts fixed (no gradients): the ``cpu`` profile trains only
             the new layers, on embeddings computed once.
+        similarity_fn, attention_fn, init_fn: replacements for :func:`similarity_weighted_embeddings`,
+            :func:`object_self_attention` and :func:`init_new_layers_` with the same signatures
+            (notebook 08 passes the student's, once checked).
 
     Attributes:
         embed_dim: ``d``.
     """
 
     def __init__(self, clip: nn.Module, *, heads: int = 4, ff_mult: int = 2, init: str = "xavier",
-                 seed: int = 0, use_objects: bool = True, freeze_clip: bool = True) -> None:
+                 seed: int = 0, use_objects: bool = True, freeze_clip: bool = True,
+                 similarity_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 attention_fn: Callable[..., torch.Tensor] | None = None,
+                 init_fn: Callable[..., None] | None = None) -> None:
         super().__init__()
         self.clip = clip
+        # the notebook plugs in the student's versions (checked against these defaults first)
+        self.similarity_fn = similarity_fn or similarity_weighted_embeddings
+        self.attention_fn = attention_fn or object_self_attention
         d = int(clip.text_projection.shape[1]) if hasattr(clip, "text_projection") else int(clip.embed_dim)
         self.embed_dim = d
         self.use_objects = use_objects
@@ -520,7 +532,7 @@ class ODITS(nn.Module):
             self.norm_sa2 = nn.LayerNorm(d)
             self.enhancer = FeatureEnhancerLayer(d, heads, ff_mult)
         self.init_scheme = init
-        init_new_layers_(self.new_modules(), init, torch.Generator().manual_seed(seed))
+        (init_fn or init_new_layers_)(self.new_modules(), init, torch.Generator().manual_seed(seed))
         if freeze_clip:
             for p in self.clip.parameters():
                 p.requires_grad_(False)
@@ -597,9 +609,9 @@ class ODITS(nn.Module):
         image_emb, object_emb, E_T = s * image_emb, s * object_emb, s * E_T
 
         # object-text similarity and self-attention 1 (objects → one vector)
-        P, E_S = similarity_weighted_embeddings(object_emb, E_T, self.object_logit_scale)
-        pooled = object_self_attention(E_S, object_emb, conf, valid, self.sa1_q.weight,
-                                       self.sa1_k.weight, self.sa1_v.weight)
+        P, E_S = self.similarity_fn(object_emb, E_T, self.object_logit_scale)
+        pooled = self.attention_fn(E_S, object_emb, conf, valid, self.sa1_q.weight,
+                                   self.sa1_k.weight, self.sa1_v.weight)
         # residual, as in any transformer block: the pooled values' input (the confidence-
         # weighted mean object) plus what attention adds.  Without it the objects would reach the
         # output only through freshly initialised projections, which 100 training images cannot
@@ -718,6 +730,109 @@ def make_step_fn(class_weights: torch.Tensor | None = None
         return {"loss": loss, "top1_hit": hit}
 
     return step_fn
+
+
+# =============================================================================================
+# the CLIP ODITS starts from, and training (shared by notebook 08 and benchmarks/odits.py)
+# =============================================================================================
+
+
+def load_start_clip(kind: str, profile: str, checkpoint: str | Path | None = None,
+                    device: str | torch.device = "cpu") -> ClipBundle:
+    """The CLIP ODITS is initialised from (§3.2): the profile's CLIP, then notebook 07's weights.
+
+    Notebook 07's weights are ``checkpoint`` when given, else the best-precision checkpoint that
+    notebook 07 saved for ``profile`` (:func:`course_utils.svt_finetune.best_checkpoint_path`),
+    if it exists and is newer than the shipped small-CLIP weights (an older file was fine-tuned
+    from something else).  ``bundle.info["finetuned"]`` says whether they were loaded.
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` was given and does not exist.
+    """
+    from . import svt_finetune as sf
+
+    bundle = sf.load_model(kind, device=device)
+    path = Path(checkpoint) if checkpoint else sf.best_checkpoint_path(profile)
+    shipped = bundle.info.get("path")  # the small CLIP's weights file
+    if (not checkpoint and path.is_file() and shipped
+            and path.stat().st_mtime < Path(shipped).stat().st_mtime):
+        print(f"[odits] ignoring {path}: older than {shipped}, so not fine-tuned from it")
+        return bundle
+    if path.is_file():
+        load_clip_weights(bundle.model, path)
+        bundle.weights += f" + notebook 07's fine-tuned weights ({path})"
+        bundle.info["finetuned"] = True
+    elif checkpoint:
+        raise FileNotFoundError(f"checkpoint {checkpoint}: no such file (expected notebook 07's fine-tuned CLIP)")
+    return bundle
+
+
+def finetune_like_notebook07(bundle: ClipBundle, train: Any, test: Any, svt_cfg: Mapping[str, Any],
+                             progress: bool = False) -> str:
+    """Notebook 07's recipe, for when its checkpoint is missing; changes ``bundle.model`` in place.
+
+    Fine-tunes with Algorithm 1 and the profile's Table 2.5 settings (``svt_cfg``), keeps the
+    checkpoint with the best test precision, as the thesis and notebook 07 do, and returns a line
+    saying what was done (appended to ``bundle.weights``).
+    """
+    import tempfile
+
+    from . import svt_finetune as sf
+    from .train import checkpoint_path, load_checkpoint
+
+    ev = sf.build_eval_set(test, bundle)
+    zero = sf.evaluate(bundle.model, ev)
+    ckpt_dir = Path(tempfile.mkdtemp(prefix="odits_ft_"))
+    sf.finetune(bundle.model, sf.pair_dataset(train, bundle), svt_cfg, ckpt_dir, resume=False,
+                seed=svt_cfg["seed"], progress=progress)
+    rows = sf.evaluate_checkpoints(bundle.model, ev, ckpt_dir, sf.checkpoint_epochs(svt_cfg),
+                                   zero_shot=zero, verbose=False)
+    best = sf.best_by(rows, "precision")
+    load_checkpoint(checkpoint_path(ckpt_dir, best["epoch"]), model=bundle.model)
+    bundle.model.eval()
+    line = (f" + fine-tuned here with notebook 07's recipe (checkpoint +{best['epoch']} of "
+            f"{svt_cfg['ft_epochs']}, chosen by precision: {zero['precision']:.4f} -> {best['precision']:.4f} "
+            f"on {ev.unit}s)")
+    bundle.weights += line
+    bundle.info["finetuned"] = True
+    return line
+
+
+def train_odits(clip: nn.Module, feats: ODITSFeatures, words: Sequence[str], text_emb: torch.Tensor,
+                cfg: Mapping[str, Any], *, use_objects: bool = True, device: str | torch.device = "cpu",
+                progress: bool = False, **model_kwargs: Any) -> tuple[ODITS, Any, dict[str, Any]]:
+    """Build ODITS on a deep copy of ``clip`` and train its new layers with the shared loop.
+
+    Args:
+        clip: the starting CLIP (left untouched).
+        feats: the training split's :class:`ODITSFeatures`; words, text_emb: the vocabulary ``(n, d)``.
+        cfg: the profile's ``odits`` section (heads, ff_mult, init, seed, freeze_clip, epochs,
+            batch_size, lr, weight_decay, class_weight_power, grad_clip).
+        use_objects: False trains the ablation without objects.
+        model_kwargs: passed to :class:`ODITS` (e.g. the notebook's ``similarity_fn``).
+
+    Returns:
+        ``(model, history, info)``; ``info`` has ``train_s``, ``final_loss``, ``trainable_params``.
+    """
+    import copy
+    import time
+
+    from .train import fit
+
+    set_deterministic(cfg["seed"])
+    model = ODITS(copy.deepcopy(clip), heads=cfg["heads"], ff_mult=cfg["ff_mult"], init=cfg["init"],
+                  seed=cfg["seed"], use_objects=use_objects, freeze_clip=cfg["freeze_clip"], **model_kwargs)
+    model.set_vocabulary(words, text_emb)
+    weights = word_class_weights(feats.targets, cfg["class_weight_power"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    t0 = time.perf_counter()
+    hist = fit(model, make_step_fn(weights), FeatureDataset(feats), epochs=cfg["epochs"],
+               batch_size=cfg["batch_size"], optimizer=opt, seed=cfg["seed"], grad_clip=cfg["grad_clip"],
+               progress=progress, desc="ODITS" if use_objects else "ODITS without objects", device=device)
+    info = {"train_s": time.perf_counter() - t0, "final_loss": hist.train["loss"][-1],
+            "trainable_params": sum(p.numel() for p in params)}
+    return model, hist, info
 
 
 # =============================================================================================

@@ -78,7 +78,8 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                           lambda_lse=6.0, warmup_epochs=1, eval_shard=(100, 1000),
                           loop_images=100, loop_captions=100,
                           qa_alpha=0.01, qa_heads=8, qa_epochs=12, qa_lr=5e-4,
-                          mm_epochs=6, mm_impostors=1),
+                          mm_epochs=6, mm_impostors=1, mm_loss="contrastive", mm_batch_size=32,
+                          mm_margin=0.2, mm_temperature=0.1),
     },
     "cpu": {
         "odits": dict(mask_source="boxes", max_objects=8, background="mean", crop=True,
@@ -116,7 +117,8 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                           lambda_lse=6.0, warmup_epochs=1, eval_shard=(100, 1000),
                           loop_images=40, loop_captions=40,
                           qa_alpha=0.01, qa_heads=4, qa_epochs=8, qa_lr=1e-3,
-                          mm_epochs=3, mm_impostors=1),
+                          mm_epochs=2, mm_impostors=1, mm_loss="contrastive", mm_batch_size=16,
+                          mm_margin=0.2, mm_temperature=0.1),
     },
     "smoke": {
         "odits": dict(mask_source="boxes", max_objects=4, background="mean", crop=True,
@@ -150,7 +152,8 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                           lambda_lse=6.0, warmup_epochs=0, eval_shard=(16, 64),
                           loop_images=6, loop_captions=8,
                           qa_alpha=0.01, qa_heads=2, qa_epochs=1, qa_lr=1e-3,
-                          mm_epochs=1, mm_impostors=1),
+                          mm_epochs=1, mm_impostors=1, mm_loss="contrastive", mm_batch_size=8,
+                          mm_margin=0.2, mm_temperature=0.1),
     },
 }
 

@@ -301,6 +301,20 @@ def test_bundle_encodes_images_and_words(small_dir, capsys):
     assert bundle.tokenizer(["JOINT"]).shape == (1, 16)
 
 
+def test_small_tokenizer_reads_letter_by_letter():
+    """One token per letter: look-alikes differ exactly where their letters differ."""
+    assert cs.spell_out("JOINT") == "J O I N T" and cs.spell_out("NEW YORK") == "N E W _ Y O R K"
+    tok = cs._small_tokenizer()(["JOINT", "JOINE", "JOINTS", "A"])
+    sot, eot = tok[0, 0].item(), tok[0, 6].item()
+    assert (tok[:, 0] == sot).all() and tok[0, 6] == eot and tok[2, 7] == eot and tok[3, 2] == eot
+    assert (tok[0, :5] == tok[1, :5]).all() and tok[0, 5] != tok[1, 5]  # only the last letter differs
+    assert (tok[0, :6] == tok[2, :6]).all()  # JOINTS = JOINT + one more letter
+    letters = {cs._small_tokenizer()([c])[0, 1].item() for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+    assert len(letters) == 26  # every letter its own token
+    long = cs._small_tokenizer()(["X" * 40])
+    assert long.shape == (1, 16) and long[0, -1] == eot  # truncated, still ends with <eot>
+
+
 def test_word_crop_dataset_and_contrastive_step(small_dir):
     d, _, _ = small_dir
     bundle = cs.load_clip("small", weights_dir=d, verbose=False)

@@ -492,3 +492,61 @@ def test_load_clip_weights_reads_fit_checkpoints_and_state_dicts(clip: torch.nn.
         target = O.load_clip_weights(copy.deepcopy(clip), tmp_path / name)
         assert float(target.logit_scale.detach()) == 3.0
         assert O.ODITS(target).logit_scale.item() == 3.0  # ODITS starts from the loaded temperature
+
+
+def test_odits_runs_the_functions_it_is_given(clip: torch.nn.Module) -> None:
+    """Notebook 08 plugs the student's three functions into ODITS: they must really be used."""
+    calls = {"sim": 0, "att": 0, "init": 0}
+
+    def sim(*a, **k):
+        calls["sim"] += 1
+        return O.similarity_weighted_embeddings(*a, **k)
+
+    def att(*a, **k):
+        calls["att"] += 1
+        return O.object_self_attention(*a, **k)
+
+    def init(*a, **k):
+        calls["init"] += 1
+        return O.init_new_layers_(*a, **k)
+
+    b = _batch()
+    plain = _model(clip)
+    plugged = _model(clip, similarity_fn=sim, attention_fn=att, init_fn=init)
+    assert calls == {"sim": 0, "att": 0, "init": 1}
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), plugged.parameters()))
+    out = plugged(b["image_emb"], b["object_emb"], b["conf"], b["valid"])
+    assert calls == {"sim": 1, "att": 1, "init": 1}
+    torch.testing.assert_close(out["logits"], plain(b["image_emb"], b["object_emb"], b["conf"], b["valid"])["logits"])
+
+    def wrong_attention(es, em, conf, valid, *w):  # ignores the objects: the logits must change
+        return torch.zeros(es.shape[0], es.shape[-1])
+
+    broken = _model(clip, attention_fn=wrong_attention)
+    assert not torch.allclose(broken(b["image_emb"], b["object_emb"], b["conf"], b["valid"])["logits"], out["logits"])
+
+
+def test_train_odits_leaves_the_clip_untouched_and_is_reproducible(clip: torch.nn.Module) -> None:
+    import copy
+
+    b = _batch(B=6)
+    feats = O.ODITSFeatures(b["image_emb"], b["object_emb"], b["conf"], b["valid"], b["targets"],
+                            b["targets"].clone(), b["valid"].sum(1))
+    words = [f"W{i}" for i in range(N_WORDS)]
+    text = _unit(torch.Generator().manual_seed(99), N_WORDS, D)
+    cfg = {"heads": 4, "ff_mult": 2, "init": "xavier", "seed": 3, "freeze_clip": True, "epochs": 3,
+           "batch_size": 2, "lr": 1e-3, "weight_decay": 0.01, "class_weight_power": 0.5, "grad_clip": 1.0}
+    before = copy.deepcopy(clip.state_dict())
+    m1, h1, info = O.train_odits(clip, feats, words, text, cfg)
+    m2, h2, _ = O.train_odits(clip, feats, words, text, cfg)
+    assert all(torch.equal(before[k], v) for k, v in clip.state_dict().items())
+    assert h1.train["loss"] == h2.train["loss"] and len(h1.train["loss"]) == 3
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    assert info["trainable_params"] == sum(p.numel() for p in m1.parameters() if p.requires_grad) > 0
+    ablation, _, _ = O.train_odits(clip, feats, words, text, cfg, use_objects=False)
+    assert ablation.use_objects is False
+
+
+def test_load_start_clip_names_a_missing_checkpoint(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        O.load_start_clip("small", "smoke", checkpoint=tmp_path / "nowhere.pt")

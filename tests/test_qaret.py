@@ -163,3 +163,48 @@ def test_checks_accept_the_reference_and_reject_a_wrong_function(capsys):
     assert nb04.check_triplet_loss(scan.hardest_negative_triplet_loss) is scan.hardest_negative_triplet_loss
     assert nb04.check_recall_at_k(scan.recall_at_k) is scan.recall_at_k
     assert nb05.check_contrastive_loss(qaret.contrastive_loss) is qaret.contrastive_loss
+
+
+def test_contrastive_matchmap_loss_matches_its_definition():
+    from course_utils.matchmap import batch_scores, contrastive_matchmap_loss, pair_scores
+
+    g = torch.Generator().manual_seed(1)
+    cells, words = torch.randn(3, 8, 2, 2, generator=g), torch.randn(3, 4, 8, generator=g)
+    lengths = torch.tensor([4, 2, 3])
+    for agg in ("sisa", "misa", "sima"):
+        S = batch_scores(cells, words, lengths, agg)
+        assert S.shape == (3, 3)
+        torch.testing.assert_close(S.diag(), pair_scores(cells, words, lengths, agg))
+        # entry (i, c): image i against caption c, by hand
+        torch.testing.assert_close(S[2, 0], pair_scores(cells[2:3], words[0:1], lengths[0:1], agg)[0])
+        logits = S / 0.1
+        want = 0.5 * (torch.nn.functional.cross_entropy(logits, torch.arange(3))
+                      + torch.nn.functional.cross_entropy(logits.T, torch.arange(3)))
+        torch.testing.assert_close(contrastive_matchmap_loss(cells, words, lengths, agg, 0.1), want)
+    with pytest.raises(ValueError, match="at least 2"):
+        contrastive_matchmap_loss(cells[:1], words[:1], lengths[:1], "misa")
+
+
+def test_ranking_loss_keeps_the_hardest_sampled_impostor():
+    g = torch.Generator().manual_seed(2)
+    cells, words, lengths = torch.randn(4, 8, 3, 3, generator=g), torch.randn(4, 5, 8, generator=g), torch.tensor([5, 3, 4, 2])
+    one = impostor_ranking_loss(cells, words, lengths, "misa", generator=torch.Generator().manual_seed(0))
+    many = impostor_ranking_loss(cells, words, lengths, "misa", generator=torch.Generator().manual_seed(0), impostors=6)
+    assert many >= one - 1e-6  # the max over draws that include the first draw
+    with pytest.raises(ValueError, match="at least one impostor"):
+        impostor_ranking_loss(cells, words, lengths, "misa", impostors=0)
+
+
+def test_train_matchmap_with_either_loss():
+    cfg = get_config("smoke").retrieval
+    sp = build_captioned(cfg)["train"]
+    vocab = Vocabulary()
+    for kind in ("contrastive", "ranking"):
+        torch.manual_seed(0)
+        model = MatchmapModel(Backbone(4), len(vocab), 8, 8)
+        losses = train_matchmap(model, sp, vocab, epochs=1, batch_size=8, loss=kind)
+        assert len(losses) == 1 and losses[0] > 0
+        cells = model.cells(torch.rand(1, 3, 16, 16))
+        torch.testing.assert_close(cells.norm(dim=1), torch.ones(1, *cells.shape[2:]))  # cosine matchmaps
+    with pytest.raises(ValueError, match="ranking"):
+        train_matchmap(model, sp, vocab, epochs=1, loss="hinge")

@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
     manifest = {
         "model": "open_clip.CLIP(**course_utils.clip_svt.SMALL_CLIP_CONFIG)",
         "config": json.loads(json.dumps(cs.SMALL_CLIP_CONFIG)),
-        "tokenizer": "open_clip.get_tokenizer('ViT-B-32', context_length=16) (OpenAI BPE)",
+        "tokenizer": "course_utils.clip_svt._small_tokenizer(): open_clip.get_tokenizer('ViT-B-32', context_length=16) "
+                     "(OpenAI BPE) on the spelled-out word (spell_out: 'JOINT' -> 'J O I N T', one token per letter)",
         "file": cs.SMALL_CLIP_WEIGHTS,
         "sha256": sha,
         "bytes": (args.out / cs.SMALL_CLIP_WEIGHTS).stat().st_size,
