@@ -70,6 +70,9 @@ __all__ = [
     "top_k_words",
     "WordCropDataset",
     "contrastive_step",
+    "distinct_pairs",
+    "MAX_LOGIT_SCALE",
+    "clamp_logit_scale",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -648,6 +651,31 @@ class WordCropDataset(torch.utils.data.Dataset):
         return self.x[i], self.tokens[i]
 
 
+#: CLIP's cap on ``1/τ`` (open_clip clamps ``logit_scale`` to ``log(100)`` while training).
+MAX_LOGIT_SCALE = 100.0
+
+
+def distinct_pairs(tokens: torch.Tensor) -> torch.Tensor:
+    """Which pairs of a batch to keep so that every text occurs once: ``(B, L) -> (B,)`` bool.
+
+    Algorithm 1's right answers are the diagonal of ``S``.  When one word appears twice in a
+    batch (THE cut from two images), each copy is also the *negative* of the other: the loss then
+    pushes an image away from its own word and can only be lowered by flattening ``S``, so the
+    learnt temperature falls instead of rising.  Keeping the first pair of each text makes the
+    batch what step (a) assumes, ``B`` distinct pairs.  The first occurrence wins, so the choice
+    is deterministic.
+    """
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens: expected shape (B, context_length), got {tuple(tokens.shape)}")
+    _, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+    b = tokens.shape[0]
+    first = torch.full((int(inverse.max()) + 1,) if b else (0,), b, dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(b), reduce="amin")
+    keep = torch.zeros(b, dtype=torch.bool)
+    keep[first] = True
+    return keep.to(tokens.device)
+
+
 def contrastive_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``step_fn`` for :func:`course_utils.train.fit`: Algorithm 1 on one batch.
 
@@ -655,8 +683,21 @@ def contrastive_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Te
         batch: ``(images (B, 3, H, W), tokens (B, context_length))``.
 
     Returns:
-        ``{"loss", "loss_image", "loss_text"}`` (scalars).  The same word twice in a batch (THE
-        in two crops) counts as a negative of itself, as in Algorithm 1; it only adds noise.
+        ``{"loss", "loss_image", "loss_text"}`` (scalars) over the batch's distinct texts
+        (:func:`distinct_pairs`), with the learnt ``1/τ`` capped at :data:`MAX_LOGIT_SCALE`.
     """
     images, tokens = batch
-    return clip_contrastive_loss(model.encode_image(images), model.encode_text(tokens), model.logit_scale.exp())
+    keep = distinct_pairs(tokens)
+    images, tokens = images[keep], tokens[keep]
+    return clip_contrastive_loss(model.encode_image(images), model.encode_text(tokens), clamp_logit_scale(model))
+
+
+def clamp_logit_scale(model: torch.nn.Module) -> torch.Tensor:
+    """Cap the model's learnt ``1/τ`` at :data:`MAX_LOGIT_SCALE` in place and return ``exp(logit_scale)``.
+
+    open_clip clamps after every optimiser step; doing it before each forward is the same for
+    the loss and keeps Adam's momentum from carrying the parameter past the cap unseen.
+    """
+    with torch.no_grad():
+        model.logit_scale.clamp_(max=float(np.log(MAX_LOGIT_SCALE)))
+    return model.logit_scale.exp()

@@ -30,7 +30,9 @@ __all__ = [
     "PAPER_TABLE1",
     "DetectionReport",
     "GroupStats",
+    "alignment_by_query_kind",
     "evaluate_detector",
+    "query_kind",
     "format_table1",
     "match_greedy",
     "proposal_recall",
@@ -236,3 +238,52 @@ def proposal_recall(proposals: Sequence[torch.Tensor], gt_boxes: Sequence[torch.
         for n in top_n:
             hits[n] += int((iou[:n].max(dim=0).values >= iou_thresh).sum())
     return {n: hits[n] / total if total else float("nan") for n in top_n}
+
+
+def query_kind(terms: Sequence[tuple[str | None, str | None]]) -> str:
+    """Name the kind of a shapes query from its terms (what it asks the text encoder to do).
+
+    ``"one term"`` ("red circles", "blue shapes"); ``"two terms, no binding"`` when each term is a
+    colour alone or a shape alone ("red shapes and circles": which word goes with which does not
+    matter); ``"two terms, binding"`` when a term pairs a colour with a shape ("red circles and blue
+    shapes"): "red shapes and blue circles" has the same words, so the encoder has to use their order.
+    """
+    if len(terms) == 1:
+        return "one term"
+    return "two terms, binding" if any(c is not None and s is not None for c, s in terms) else "two terms, no binding"
+
+
+@torch.no_grad()
+def alignment_by_query_kind(model, dataset, batch_size: int = 50) -> dict[str, dict[str, float]]:
+    """Alignment accuracy on the ground-truth boxes, split by :func:`query_kind`.
+
+    Every object of every image is scored against the image's query (``Align > 0.5`` vs its
+    label); the RPN plays no part, so this isolates the proposal encoder, text encoder and
+    alignment head.  Returns ``{kind: {"objects": n, "queries": q, "accuracy": a}}``.
+    """
+    from .shapes import collate_scenes
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    stats: dict[str, list[int]] = {}
+    try:
+        for start in range(0, len(dataset), batch_size):
+            idx = range(start, min(start + batch_size, len(dataset)))
+            batch = collate_scenes([dataset[i] for i in idx])
+            out = model.rpn(batch["image"].to(device))
+            text = model.encode_queries(batch["query"], device)
+            logits = model.align_logits(out["features"], [b.to(device) for b in batch["boxes"]], text).cpu()
+            pos = 0
+            for i, lab in zip(idx, batch["aligned"]):
+                pred = logits[pos: pos + len(lab)] > 0
+                pos += len(lab)
+                s = stats.setdefault(query_kind(dataset.scenes[i].terms), [0, 0, 0])
+                s[0] += len(lab)
+                s[1] += 1
+                s[2] += int((pred == lab).sum())
+    finally:
+        model.train(was_training)
+    order = ("one term", "two terms, no binding", "two terms, binding")
+    return {k: {"objects": stats[k][0], "queries": stats[k][1], "accuracy": stats[k][2] / max(stats[k][0], 1)}
+            for k in order if k in stats}

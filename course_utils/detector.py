@@ -302,29 +302,48 @@ class SemanticDetector(nn.Module):
         return self.alignment(region, text.repeat_interleave(counts, dim=0))
 
     def forward(self, images: torch.Tensor, queries: Sequence[str], boxes: Sequence[torch.Tensor],
-                aligned: Sequence[torch.Tensor],
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                aligned: Sequence[torch.Tensor], generator: torch.Generator | None = None,
+                extra_queries: Sequence[Sequence[str]] | None = None,
+                extra_aligned: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Losses of one batch; ``extra_queries[i]`` (``k_i`` str) with ``extra_aligned[i]``
+        (``(k_i, N_i)`` bool) add more queries of image ``i`` to the alignment loss."""
         if not (len(queries) == len(boxes) == len(aligned) == images.shape[0]):
             raise ValueError(f"expected one query, box tensor and aligned tensor per image "
                              f"({images.shape[0]}), got {len(queries)}, {len(boxes)}, {len(aligned)}")
+        extra_queries = extra_queries or [[] for _ in queries]
+        extra_aligned = extra_aligned or [torch.zeros((0, len(b)), dtype=torch.bool) for b in boxes]
         out = self.rpn(images)
         targets = self.rpn.assign(out, boxes, generator)
         losses = self.rpn.loss(out, targets)
 
         # §3.6: the positives of the RPN step are what the alignment head learns from.
         h, w = images.shape[-2:]
-        train_boxes, labels = [], []
+        train_boxes, texts, labels, rows = [], [], [], []
+        start = 0
         for i, t in enumerate(targets):
             pred = decode_boxes(out["deltas"][i, t.pos_idx].detach(), out["anchors"][t.pos_idx])
             pred = clip_boxes_to_image(pred, (h, w))
-            lab = aligned[i][t.matched]
+            matched = t.matched
             if self.align_gt_boxes:
                 pred = torch.cat([pred, boxes[i].to(pred.dtype)])
-                lab = torch.cat([lab, aligned[i]])
+                matched = torch.cat([matched, torch.arange(len(boxes[i]), device=matched.device)])
             train_boxes.append(pred)
-            labels.append(lab.float())
-        text = self.encode_queries(queries, images.device)
-        logits = self.align_logits(out["features"], train_boxes, text)
+            if extra_aligned[i].shape[0] != len(extra_queries[i]):
+                raise ValueError(f"image {i}: {len(extra_queries[i])} extra queries but "
+                                 f"{extra_aligned[i].shape[0]} rows of extra alignment labels")
+            # each query of the image sees the same boxes: one row per (query, box)
+            for query, lab in zip([queries[i], *extra_queries[i]], [aligned[i], *extra_aligned[i]]):
+                texts.append(query)
+                labels.append(lab.to(pred.device)[matched].float())
+                rows.append(torch.arange(start, start + len(pred), device=pred.device))
+            start += len(pred)
+        text = self.encode_queries(texts, images.device)
+        if start == 0:
+            logits = text.new_zeros(0)
+        else:
+            region = self.proposal_encoder(out["features"], train_boxes)
+            text_idx = torch.cat([torch.full((len(r),), j, device=text.device) for j, r in enumerate(rows)])
+            logits = self.alignment(region[torch.cat(rows)], text[text_idx])
         losses["align"] = alignment_loss(logits, torch.cat(labels))
         return losses
 
@@ -364,9 +383,14 @@ class SemanticDetector(nn.Module):
         return boxes, scores
 
 
-def clean_targets(batch: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Validate a collated batch's boxes; drop zero-area boxes (with a warning) and their labels."""
-    boxes, aligned = [], []
+def clean_targets(batch: dict) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
+    """Validate a collated batch's boxes; drop zero-area boxes (with a warning) and their labels.
+
+    Returns ``(boxes, aligned, extra_aligned)``: per image ``(N_i, 4)``, ``(N_i,)`` and, when the
+    batch has extra queries, ``(k_i, N_i)`` (else ``None``), all without the dropped boxes.
+    """
+    boxes, aligned, extra = [], [], []
+    extra_in = batch.get("extra_aligned")
     for i, (b, a) in enumerate(zip(batch["boxes"], batch["aligned"])):
         ids = batch.get("image_id")
         where = f"batch['boxes'][{i}]" + (f" (image_id {ids[i]})" if ids is not None else "")
@@ -375,16 +399,26 @@ def clean_targets(batch: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         keep = check_targets(b, where)
         boxes.append(b[keep])
         aligned.append(a[keep])
-    return boxes, aligned
+        if extra_in is not None:
+            e = extra_in[i]
+            if e.ndim != 2 or e.shape[1] != b.shape[0]:
+                raise ValueError(f"batch['extra_aligned'][{i}]: expected shape (k, {b.shape[0]}), "
+                                 f"got {tuple(e.shape)}")
+            extra.append(e[:, keep])
+    return boxes, aligned, (extra if extra_in is not None else None)
 
 
 def detector_step(model: SemanticDetector, batch: dict) -> dict[str, torch.Tensor]:
     """``train.fit`` step for notebook 03: ``loss = L_rpn + align_weight * L_align`` (§3.6).
 
+    A batch with ``extra_queries`` (the training split with ``shapes.extra_train_queries > 0``)
+    puts every query of an image into the alignment loss.
+
     Returns ``{"loss", "rpn", "align"}`` (scalars; the components detached, for the Fig. 7 curves).
     """
-    boxes, aligned = clean_targets(batch)
-    losses = model(batch["image"], batch["query"], boxes, aligned)
+    boxes, aligned, extra = clean_targets(batch)
+    losses = model(batch["image"], batch["query"], boxes, aligned,
+                   extra_queries=batch.get("extra_queries"), extra_aligned=extra)
     return {"loss": losses["rpn"] + model.align_weight * losses["align"], "rpn": losses["rpn"].detach(),
             "align": losses["align"].detach()}
 

@@ -44,20 +44,21 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                     max_words=3, clip_kind="full", eval_batch_size=128,
                     ft_epochs=40, ft_batch_size=128, ft_lr=5e-5, ft_betas=(0.9, 0.98), ft_eps=1e-6,
                     ft_weight_decay=0.2, ft_checkpoints=(1, 2, 3, 4, 5, 7, 20, 40),
-                    download_svt=True),
+                    ft_logit_scale_lr=5e-5, ft_crop_pads=(0.0,), download_svt=True),
         # seed 000 §4.1: 5000 images of 512x512, split 4000/500/500, 10-20 shapes each.
         "shapes": dict(image_size=512, n_train=4000, n_val=500, n_test=500,
-                       min_shapes=10, max_shapes=20, min_size=40, max_size=80),
+                       min_shapes=10, max_shapes=20, min_size=40, max_size=80, extra_train_queries=0),
         # seed 000 §4.2: 64 px anchors aligned with the MobileNetV2 feature map (stride 32).
         "anchors": dict(anchor_size=64, stride=32, pos_iou=0.6, neg_iou=0.1,
                         rpn_batch_per_image=256, n_random_cases=1000),
         # seed 000 §3.1/§4.2 (notebook 02): RPN on MobileNetV2 features (1280 ch, stride 32,
-        # ImageNet weights when downloadable).  Top-N and beta as torchvision's RPN; NMS at 0.3
-        # because shapes never overlap (duplicates of one object are the only overlaps).  The
+        # ImageNet weights when downloadable).  Top-N and beta as torchvision's RPN; NMS at 0.1
+        # because shapes never overlap, so any overlap is a second box on one object (at 0.3 such
+        # boxes, IoU 0.2-0.3 with the first, were 16% of the confident proposals).  The
         # RPN-only training of notebook 02 uses §4.3's optimiser.
         "rpn": dict(backbone="mobilenet_v2", backbone_widths=(), pretrained=True, head_channels=256,
                     box_weight=1.0, smooth_l1_beta=1.0 / 9, pre_nms_top_n=1000, post_nms_top_n=100,
-                    nms_iou=0.3, min_box_size=1.0, conf_thresh=0.5, recall_top_n=(1, 5, 10, 20, 50, 100),
+                    nms_iou=0.1, min_box_size=1.0, conf_thresh=0.5, recall_top_n=(1, 5, 10, 20, 50, 100),
                     optimizer="sgd", epochs=10, batch_size=32, lr=1e-2, momentum=0.9,
                     weight_decay=1e-5, lr_step=3, lr_gamma=0.9, grad_clip=10.0),
         # seed 000 §3.2-3.6/§4.2-4.3 (notebook 03): 2x2 ROI pool, 64-d embeddings, 2 heads / 1 layer
@@ -88,11 +89,14 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       grad_clip=1.0, seed=0, finetune_clip_if_missing=True),
         "svt": dict(n_train=100, n_test=249, image_size=(480, 360), seed=0, lexicon_size=50,
                     max_words=3, clip_kind="small", eval_batch_size=64,
-                    ft_epochs=5, ft_batch_size=32, ft_lr=5e-5, ft_betas=(0.9, 0.98), ft_eps=1e-6,
-                    ft_weight_decay=0.2, ft_checkpoints=(1, 2, 3, 4, 5),
-                    download_svt=False),
+                    ft_epochs=20, ft_batch_size=32, ft_lr=5e-5, ft_betas=(0.9, 0.98), ft_eps=1e-6,
+                    ft_weight_decay=0.0, ft_checkpoints=(1, 2, 3, 4, 5, 7, 20),
+                    ft_logit_scale_lr=1e-2, ft_crop_pads=(0.0, 0.05, 0.1, 0.2), download_svt=False),
+        # extra_train_queries: 8 more queries per training image for the alignment branch.  With
+        # them the detector's validation alignment accuracy on ground-truth boxes reached 0.94 at
+        # epoch 4 instead of 0.85, for about 35% more time per epoch (measured).
         "shapes": dict(image_size=128, n_train=2000, n_val=200, n_test=500,
-                       min_shapes=10, max_shapes=20, min_size=10, max_size=20),
+                       min_shapes=10, max_shapes=20, min_size=10, max_size=20, extra_train_queries=8),
         "anchors": dict(anchor_size=16, stride=8, pos_iou=0.6, neg_iou=0.1,
                         rpn_batch_per_image=256, n_random_cases=1000),
         # Notebooks 02-03 at a quarter of the paper's scale (128 px, 16 px anchors, stride 8): a
@@ -100,14 +104,14 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # everything trains from scratch in minutes on two CPU cores.  Same code path as full.
         "rpn": dict(backbone="small", backbone_widths=(16, 32, 64, 64), pretrained=False,
                     head_channels=64, box_weight=1.0, smooth_l1_beta=1.0 / 9, pre_nms_top_n=1000,
-                    post_nms_top_n=100, nms_iou=0.3, min_box_size=1.0, conf_thresh=0.5,
+                    post_nms_top_n=100, nms_iou=0.1, min_box_size=1.0, conf_thresh=0.5,
                     recall_top_n=(1, 5, 10, 20, 50, 100), optimizer="adamw", epochs=3,
                     batch_size=16, lr=2e-3, momentum=0.9, weight_decay=1e-4, lr_step=3,
                     lr_gamma=0.9, grad_clip=10.0),
         "detector": dict(embed_dim=64, roi_size=2, proposal_channels=64, proposal_hidden=128,
                          text_heads=2, text_layers=1, text_ff_dim=128, max_query_len=16,
                          align_hidden=64, align_weight=1.0, align_gt_boxes=True, score_thresh=0.5,
-                         top_k=100, optimizer="adamw", epochs=6, batch_size=16, lr=2e-3,
+                         top_k=100, optimizer="adamw", epochs=12, batch_size=16, lr=2e-3,
                          momentum=0.9, weight_decay=1e-4, lr_step=3, lr_gamma=0.9, grad_clip=10.0),
         "retrieval": dict(image_size=64, n_train=2000, n_val=200, n_test=1000,
                           min_objects=3, max_objects=5, small_size=(7, 10), large_size=(15, 20),
@@ -129,14 +133,14 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                     max_words=3, clip_kind="small", eval_batch_size=16,
                     ft_epochs=1, ft_batch_size=8, ft_lr=5e-5, ft_betas=(0.9, 0.98), ft_eps=1e-6,
                     ft_weight_decay=0.2, ft_checkpoints=(1,),
-                    download_svt=False),
+                    ft_logit_scale_lr=1e-2, ft_crop_pads=(0.0, 0.1), download_svt=False),
         "shapes": dict(image_size=64, n_train=32, n_val=8, n_test=8,
-                       min_shapes=10, max_shapes=20, min_size=5, max_size=10),
+                       min_shapes=10, max_shapes=20, min_size=5, max_size=10, extra_train_queries=2),
         "anchors": dict(anchor_size=8, stride=4, pos_iou=0.6, neg_iou=0.1,
                         rpn_batch_per_image=64, n_random_cases=50),
         "rpn": dict(backbone="small", backbone_widths=(8, 16), pretrained=False,
                     head_channels=16, box_weight=1.0, smooth_l1_beta=1.0 / 9, pre_nms_top_n=200,
-                    post_nms_top_n=30, nms_iou=0.3, min_box_size=1.0, conf_thresh=0.5,
+                    post_nms_top_n=30, nms_iou=0.1, min_box_size=1.0, conf_thresh=0.5,
                     recall_top_n=(1, 5, 10, 30), optimizer="adamw", epochs=1, batch_size=8,
                     lr=2e-3, momentum=0.9, weight_decay=1e-4, lr_step=3, lr_gamma=0.9, grad_clip=10.0),
         "detector": dict(embed_dim=16, roi_size=2, proposal_channels=16, proposal_hidden=16,

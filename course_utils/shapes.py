@@ -175,6 +175,22 @@ def generate_scenes(n: int, seed: int, size: int, min_shapes: int, max_shapes: i
                        min_shapes, max_shapes, min_size, max_size) for k in range(n)]
 
 
+def extra_queries(scene: Scene, k: int) -> tuple[list[str], list[list[bool]]]:
+    """``k`` more queries of one scene and their alignment labels, drawn like its own query.
+
+    They come from generators seeded ``(image_id, 1, j)``, apart from the scene's own, so the
+    scene, its query and every cached file stay what they were.  Training on several queries of
+    one image costs little: the backbone runs once and only the small alignment branch sees
+    each query (see ``SemanticDetector.forward``).
+    """
+    queries, labels = [], []
+    for j in range(k):
+        query, terms = make_query(scene.objects, np.random.default_rng([scene.image_id, 1, j]))
+        queries.append(query)
+        labels.append([any(matches(o, t) for t in terms) for o in scene.objects])
+    return queries, labels
+
+
 class ShapesDataset(Dataset):
     """A split of the shapes world.  ``ds[i]`` is a dict:
 
@@ -182,11 +198,14 @@ class ShapesDataset(Dataset):
     * ``boxes``: ``(N, 4)`` float32 ``(x1, y1, x2, y2)``
     * ``aligned``: ``(N,)`` bool, which objects the query describes
     * ``query``: str; ``shapes`` / ``colors``: lists of N strings; ``image_id``: int
+    * with ``n_extra_queries = k > 0`` also ``extra_queries``: k more str and
+      ``extra_aligned``: ``(k, N)`` bool (:func:`extra_queries`)
     """
 
-    def __init__(self, scenes: list[Scene], image_dir: Path | None = None):
+    def __init__(self, scenes: list[Scene], image_dir: Path | None = None, n_extra_queries: int = 0):
         self.scenes = scenes
         self.image_dir = image_dir
+        self.n_extra_queries = int(n_extra_queries)
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -218,7 +237,14 @@ class ShapesDataset(Dataset):
             "shapes": [o.shape for o in scene.objects],
             "colors": [o.color for o in scene.objects],
             "image_id": scene.image_id,
-        }
+        } | self._extras(scene)
+
+    def _extras(self, scene: Scene) -> dict:
+        if self.n_extra_queries <= 0:
+            return {}
+        queries, labels = extra_queries(scene, self.n_extra_queries)
+        aligned = torch.tensor(labels, dtype=torch.bool).reshape(self.n_extra_queries, len(scene.objects))
+        return {"extra_queries": queries, "extra_aligned": aligned}
 
 
 def collate_scenes(batch: list[dict]) -> dict:
@@ -232,7 +258,8 @@ def build_shapes(cfg_shapes: dict, seed: int = 0, cache: bool = True) -> dict[st
     """Build (or load from cache) the train/val/test splits sized by a profile's ``shapes`` section.
 
     Args:
-        cfg_shapes: ``get_config().shapes`` (image_size, n_train, n_val, n_test, min/max shapes, sizes).
+        cfg_shapes: ``get_config().shapes`` (image_size, n_train, n_val, n_test, min/max shapes, sizes;
+            ``extra_train_queries`` more queries per training image, 0 when absent).
         seed: the data seed; the same seed and sizes give the same scenes, byte for byte.
         cache: write annotations JSON and PNGs under ``$COURSE_CACHE/shapes/<key>/``.
     """
@@ -265,6 +292,8 @@ def build_shapes(cfg_shapes: dict, seed: int = 0, cache: bool = True) -> dict[st
         if root is not None:
             image_dir = root / split
             image_dir.mkdir(parents=True, exist_ok=True)
-        out[split] = ShapesDataset(scenes, image_dir)
+        # Extra queries train the text side of notebook 03; validation and test keep one query.
+        extra = int(cfg_shapes.get("extra_train_queries", 0)) if split == "train" else 0
+        out[split] = ShapesDataset(scenes, image_dir, n_extra_queries=extra)
         first += n
     return out

@@ -271,7 +271,7 @@ def embed(model: torch.nn.Module, ev: EvalSet, batch_size: int = 128) -> tuple[t
 
 
 def evaluate(model: torch.nn.Module, ev: EvalSet, *, batch_size: int = 128,
-             return_matrices: bool = False) -> dict[str, Any]:
+             return_matrices: bool = False, reference_scale: float | None = None) -> dict[str, Any]:
     """The five columns of Table 2.6 plus lexicon-50 top-1 accuracy for ``model`` on ``ev``.
 
     ``P`` is the softmax over the whole test vocabulary per row, at the model's own temperature
@@ -281,18 +281,28 @@ def evaluate(model: torch.nn.Module, ev: EvalSet, *, batch_size: int = 128,
     averaged over rows (the thesis's "Uniformity"); ``lexicon50_top1`` is the share of rows whose
     most similar lexicon word is their true word.
 
+    ``reference_scale`` (the zero-shot model's ``1/τ``) adds ``"precision_at_reference_scale"``:
+    the precision of these embeddings at that temperature.  Approach-2 precision grows as the
+    softmax sharpens, so a fine-tuned model's gain splits into what its embeddings learnt (this
+    number against zero-shot) and what its learnt temperature adds (the rest).
+
     Returns:
-        ``{"accuracy", "precision", "recall", "f1", "entropy", "lexicon50_top1", "eval_s"}``
-        (floats), plus ``"P"``, ``"image_emb"``, ``"text_emb"`` when ``return_matrices``.
+        ``{"accuracy", "precision", "recall", "f1", "entropy", "lexicon50_top1", "logit_scale",
+        "eval_s"}`` (floats), plus ``"P"``, ``"image_emb"``, ``"text_emb"`` when ``return_matrices``.
     """
     t0 = time.perf_counter()
     img, txt = embed(model, ev, batch_size)
-    scale = float(model.logit_scale.exp().item())
+    # the model's own temperature, within CLIP's cap (a fine-tuned scale may sit a hair above it)
+    scale = min(float(model.logit_scale.exp().item()), cs.MAX_LOGIT_SCALE)
     P = cs.word_image_probabilities(img, txt, scale)
     out: dict[str, Any] = cs.classification_metrics(cs.soft_confusion(P, ev.Y))
     out["entropy"] = float(torch.nanmean(cs.normalised_similarity_entropy(P, ev.Y)))
     sims = (img @ txt.T).masked_fill(~ev.Y, float("-inf"))
     out["lexicon50_top1"] = float((sims.argmax(1) == ev.target_index).double().mean())
+    out["logit_scale"] = scale
+    if reference_scale is not None:
+        P_ref = cs.word_image_probabilities(img, txt, float(reference_scale))
+        out["precision_at_reference_scale"] = cs.classification_metrics(cs.soft_confusion(P_ref, ev.Y))["precision"]
     out["eval_s"] = time.perf_counter() - t0
     if return_matrices:
         out.update(P=P, image_emb=img, text_emb=txt)
@@ -304,15 +314,20 @@ def evaluate(model: torch.nn.Module, ev: EvalSet, *, batch_size: int = 128,
 # ---------------------------------------------------------------------------------------------
 
 
-def pair_dataset(split: SVTSplit, bundle: cs.ClipBundle, unit: str | None = None) -> cs.WordCropDataset:
+def pair_dataset(split: SVTSplit, bundle: cs.ClipBundle, unit: str | None = None,
+                 pads: Sequence[float] = (0.0,)) -> cs.WordCropDataset:
     """``(image (3, H, W), tokens (context_length,))`` pairs of Algorithm 1 from ``split``.
 
     One pair per tagged word: the word crop (small CLIP) or the whole image (ViT-B/32) with the
-    word as its text.
+    word as its text.  With the small CLIP, ``pads`` cuts every word once per entry, its box grown
+    by that fraction of the box size on each side (the profile's ``ft_crop_pads``): a word
+    rectangle drawn by a person or a detector is never exact, and 195 crops seen 20 times each
+    teach the model those 195 pictures more than the words in them.  Whole images (``unit="image"``)
+    ignore ``pads``.
     """
     unit = unit or eval_unit(bundle)
     if unit == "crop":
-        crops = split.word_crops()
+        crops = [c for pad in pads for c in split.word_crops(pad=float(pad))]
         images, texts = [c for c, _, _ in crops], [t for _, t, _ in crops]
     else:
         images, texts = [], []
@@ -347,8 +362,21 @@ def training_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tenso
 def make_optimizer(model: torch.nn.Module, svt_cfg: dict) -> torch.optim.Adam:
     """Adam with the Table 2.5 hyper-parameters of the profile (``ft_lr``, ``ft_betas``, ``ft_eps``,
     ``ft_weight_decay``).  ``torch.optim.Adam``'s ``weight_decay`` adds ``λθ`` to the gradient,
-    the L2 penalty the thesis writes (``L + λ Σ θ²``), not AdamW's decoupled decay."""
-    return torch.optim.Adam(model.parameters(), lr=svt_cfg["ft_lr"], betas=tuple(svt_cfg["ft_betas"]),
+    the L2 penalty the thesis writes (``L + λ Σ θ²``), not AdamW's decoupled decay.
+
+    The temperature (``model.logit_scale``, CLIP's learnt ``log(1/τ)``) is a parameter group of
+    its own: no weight decay (it is not a weight; open_clip exempts it too) and its own learning
+    rate ``ft_logit_scale_lr``.  Adam moves a parameter by about ``lr`` per step whatever its
+    gradient, so at 5e-5 a temperature that starts far from CLIP's cap of 100 (the small CLIP's
+    is 41) would need thousands of steps to move; ViT-B/32's already sits at the cap.
+    """
+    named = list(model.named_parameters())
+    scale = [p for n, p in named if n == "logit_scale"]
+    groups: list[dict] = [{"params": [p for n, p in named if n != "logit_scale"]}]
+    if scale:
+        groups.append({"params": scale, "weight_decay": 0.0,
+                       "lr": float(svt_cfg.get("ft_logit_scale_lr", svt_cfg["ft_lr"]))})
+    return torch.optim.Adam(groups, lr=svt_cfg["ft_lr"], betas=tuple(svt_cfg["ft_betas"]),
                             eps=svt_cfg["ft_eps"], weight_decay=svt_cfg["ft_weight_decay"])
 
 
@@ -386,20 +414,29 @@ def evaluate_checkpoints(model: torch.nn.Module, ev: EvalSet, ckpt_dir: str | Pa
     ``model`` is overwritten with each checkpoint's weights in turn (and left at the last one).
 
     Returns:
-        rows ``{"epoch", "accuracy", "precision", "recall", "f1", "entropy", "lexicon50_top1"}``.
+        rows ``{"epoch", "accuracy", "precision", "recall", "f1", "entropy", "lexicon50_top1",
+        "logit_scale"}``, and ``"precision_at_zero_shot_scale"`` when ``zero_shot`` is given (the
+        checkpoint's embeddings at the zero-shot temperature: see :func:`evaluate`).
     """
     from .train import checkpoint_path, load_checkpoint
 
     rows = []
+    ref = None
     if zero_shot is not None:
-        rows.append({"epoch": 0, **{k: zero_shot[k] for k in TABLE_COLUMNS}})
+        ref = zero_shot.get("logit_scale")
+        rows.append({"epoch": 0, **{k: zero_shot[k] for k in TABLE_COLUMNS}, "logit_scale": ref,
+                     "precision_at_zero_shot_scale": zero_shot["precision"]})
     for e in epochs:
         path = checkpoint_path(ckpt_dir, e)
         load_checkpoint(path, model=model)
-        m = evaluate(model, ev)
-        rows.append({"epoch": int(e), **{k: m[k] for k in TABLE_COLUMNS}})
+        m = evaluate(model, ev, reference_scale=ref)
+        row = {"epoch": int(e), **{k: m[k] for k in TABLE_COLUMNS}, "logit_scale": m["logit_scale"]}
+        if ref is not None:
+            row["precision_at_zero_shot_scale"] = m["precision_at_reference_scale"]
+        rows.append(row)
         if verbose:
-            print(f"checkpoint +{e}: " + "  ".join(f"{k} {m[k]:.4f}" for k in TABLE_COLUMNS))
+            print(f"checkpoint +{e}: " + "  ".join(f"{k} {m[k]:.4f}" for k in TABLE_COLUMNS)
+                  + f"  1/τ {m['logit_scale']:.1f}")
     return rows
 
 

@@ -26,6 +26,7 @@ from course_utils.detector import (
     Vocabulary,
     alignment_loss,
     build_detector,
+    clean_targets,
     detector_step,
     score_proposals,
 )
@@ -173,6 +174,85 @@ def test_detector_drops_zero_area_boxes_and_rejects_mismatched_labels():
     batch["aligned"][0] = torch.tensor([True])
     with pytest.raises(ValueError, match="2 boxes but 1 alignment labels"):
         detector_step(model, batch)
+
+
+def _with_extras(batch: dict, queries: list[list[str]], labels: list[torch.Tensor]) -> dict:
+    return dict(batch, extra_queries=queries, extra_aligned=labels)
+
+
+def test_extra_queries_share_the_boxes_and_enter_the_alignment_loss():
+    torch.manual_seed(0)
+    model = _tiny_detector()
+    base = _batch()
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731 - same anchor sample in every call
+    boxes, aligned, _ = clean_targets(base)
+    plain = model(base["image"], base["query"], boxes, aligned, gen())["align"]
+    # The primary query repeated as the extras: the same pairs twice, so the same mean BCE.
+    same = model(base["image"], base["query"], boxes, aligned, gen(),
+                 extra_queries=[[q, q] for q in base["query"]],
+                 extra_aligned=[torch.stack([a, a]) for a in aligned])["align"]
+    assert same.item() == pytest.approx(plain.item(), rel=1e-5)
+    # Different labels for an extra query change the loss; an image may have no extras.
+    other = model(base["image"], base["query"], boxes, aligned, gen(),
+                  extra_queries=[["green triangles"], []],
+                  extra_aligned=[~aligned[0][None], torch.zeros((0, 0), dtype=torch.bool)])["align"]
+    assert other.item() != pytest.approx(plain.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="image 0: 1 extra queries but 2 rows"):
+        model(base["image"], base["query"], boxes, aligned, extra_queries=[["x"], []],
+              extra_aligned=[torch.stack([aligned[0], aligned[0]]), torch.zeros((0, 0), dtype=torch.bool)])
+
+
+def test_detector_step_drops_zero_area_columns_of_the_extra_labels():
+    model = _tiny_detector()
+    batch = _batch()
+    batch["boxes"][0] = torch.tensor([[4.0, 4.0, 12.0, 12.0], [18.0, 18.0, 18.0, 26.0]])
+    batch = _with_extras(batch, [["green shapes"], ["red shapes"]],
+                         [torch.tensor([[True, False]]), torch.zeros((1, 0), dtype=torch.bool)])
+    with pytest.warns(UserWarning, match="zero-area"):
+        out = detector_step(model, batch)
+    assert torch.isfinite(out["loss"])
+    batch["extra_aligned"][0] = torch.tensor([[True]])
+    with pytest.raises(ValueError, match=r"extra_aligned'\]\[0\]: expected shape \(k, 2\)"):
+        with pytest.warns(UserWarning):
+            detector_step(model, batch)
+
+
+def _described(query: str, shape: str, color: str) -> bool:
+    """Read a shapes query by hand: does it describe a ``color`` ``shape``?"""
+    words = query.split()
+    while words and words[0] not in ("red", "green", "blue", "circles", "squares", "triangles"):
+        words = words[1:]  # the prefix ("find the", "show me the", ...)
+    for term in " ".join(words).split(" and "):
+        t = term.split()
+        c, s = (t[0], t[1]) if len(t) == 2 else (None, t[0])
+        if (c is None or c == color) and (s == "shapes" or s == shape + "s"):
+            return True
+    return False
+
+
+def test_training_split_carries_extra_queries_labelled_like_the_scene_query(tmp_path, monkeypatch):
+    from course_utils.shapes import extra_queries
+
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+    cfg = get_config("smoke").shapes
+    data = build_shapes(cfg, seed=0)
+    k = cfg.extra_train_queries
+    assert k > 0
+    item = data["train"][0]
+    assert len(item["extra_queries"]) == k and item["extra_aligned"].shape == (k, len(item["boxes"]))
+    assert "extra_queries" not in data["val"][0] and "extra_queries" not in data["test"][0]
+    scene = data["train"].scenes[0]
+    assert extra_queries(scene, k)[0] == item["extra_queries"]  # deterministic
+    for i in range(len(data["train"])):
+        it = data["train"][i]
+        for q, row in zip(it["extra_queries"], it["extra_aligned"].tolist()):
+            assert row == [_described(q, s, c) for s, c in zip(it["shapes"], it["colors"])], q
+        # the scene's own query is untouched by the extras
+        assert it["query"] == data["train"].scenes[i].query
+        assert it["aligned"].tolist() == [_described(it["query"], s, c) for s, c in zip(it["shapes"], it["colors"])]
+    batch = collate_scenes([data["train"][i] for i in range(4)])
+    out = detector_step(build_detector(get_config("smoke")), batch)
+    assert torch.isfinite(out["loss"])
 
 
 def test_detect_and_search_handle_unknown_words_and_no_match(capsys):
@@ -349,3 +429,26 @@ def test_alignment_head_init_suits_unit_norm_inputs_and_optimizer_knob():
         assert sched.step_size == section.lr_step and sched.gamma == section.lr_gamma
     with pytest.raises(ValueError, match="optimizer must be"):
         make_optimizer(head, dict(get_config("full").detector, optimizer="lbfgs"))
+
+
+def test_query_kinds_and_alignment_by_kind(tmp_path, monkeypatch):
+    from course_utils.detection_metrics import alignment_by_query_kind, query_kind
+
+    assert query_kind([("red", "circle")]) == "one term"
+    assert query_kind([("red", None), (None, "circle")]) == "two terms, no binding"
+    assert query_kind([("red", "circle"), ("blue", None)]) == "two terms, binding"
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+    cfg = get_config("smoke")
+    test = build_shapes(cfg.shapes, seed=0)["test"]
+    model = build_detector(cfg)
+    by_kind = alignment_by_query_kind(model, test, batch_size=3)
+    assert sum(v["queries"] for v in by_kind.values()) == len(test)
+    assert sum(v["objects"] for v in by_kind.values()) == sum(len(s.objects) for s in test.scenes)
+    # an alignment head that says "no" to everything scores the share of negatives
+    with torch.no_grad():
+        model.alignment.fc2.bias.fill_(-1e4)
+    by_kind = alignment_by_query_kind(model, test)
+    for kind, v in by_kind.items():
+        scenes = [s for s in test.scenes if query_kind(s.terms) == kind]
+        negatives = sum(not a for s in scenes for a in s.aligned)
+        assert v["accuracy"] == pytest.approx(negatives / v["objects"]), kind

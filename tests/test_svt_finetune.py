@@ -77,10 +77,51 @@ def test_training_step_returns_the_losses_of_algorithm_1():
 
 
 def test_make_optimizer_uses_table_2_5():
-    opt = sf.make_optimizer(_model(), _cfg())
+    model = _model()
+    opt = sf.make_optimizer(model, _cfg())
     group = opt.param_groups[0]
     assert isinstance(opt, torch.optim.Adam) and not isinstance(opt, torch.optim.AdamW)
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (5e-5, (0.9, 0.98), 1e-6, 0.2)
+    # without ft_logit_scale_lr the temperature learns at ft_lr, never decayed
+    weights, scale = opt.param_groups
+    assert len(scale["params"]) == 1 and scale["params"][0] is model.logit_scale
+    assert (scale["lr"], scale["weight_decay"]) == (5e-5, 0.0)
+    assert sum(p.numel() for p in weights["params"]) + 1 == sum(p.numel() for p in model.parameters())
+
+
+def test_the_temperature_learns_at_its_own_rate_and_stops_at_the_cap():
+    model, data = _model(), _Pairs()
+    opt = sf.make_optimizer(model, _cfg(ft_logit_scale_lr=0.01))
+    assert [g["lr"] for g in opt.param_groups] == [5e-5, 0.01]
+    start = model.logit_scale.item()
+    sf.training_step(model, (data.x, data.tokens), opt)
+    assert abs(model.logit_scale.item() - start) == pytest.approx(0.01, rel=0.05)  # Adam's first step: lr
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(150.0))  # above CLIP's cap: the next step clamps it first
+    sf.training_step(model, (data.x, data.tokens), opt)
+    assert model.logit_scale.item() <= math.log(cs.MAX_LOGIT_SCALE) + 0.0101
+
+
+def test_distinct_pairs_keeps_the_first_pair_of_each_text():
+    tokens = cs._small_tokenizer()(["THE", "INN", "THE", "BAR", "INN", "THE"])
+    assert cs.distinct_pairs(tokens).tolist() == [True, True, False, True, False, False]
+    assert cs.distinct_pairs(tokens[:0]).tolist() == []
+    with pytest.raises(ValueError, match="tokens"):
+        cs.distinct_pairs(tokens[0])
+
+
+def test_a_repeated_word_is_not_its_own_negative():
+    """contrastive_step drops the second THE: the loss equals Algorithm 1 on the distinct pairs."""
+    model, data = _model(), _Pairs()
+    x = torch.cat([data.x, data.x[:2]])
+    tokens = torch.cat([data.tokens, data.tokens[:2]])
+    with torch.no_grad():
+        got = cs.contrastive_step(model, (x, tokens))
+        want = cs.clip_contrastive_loss(model.encode_image(data.x), model.encode_text(data.tokens),
+                                        model.logit_scale.exp())
+        naive = cs.clip_contrastive_loss(model.encode_image(x), model.encode_text(tokens), model.logit_scale.exp())
+    assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-5)
+    assert float(naive["loss"]) != pytest.approx(float(want["loss"]), rel=1e-3)
 
 
 def test_checkpoint_epochs_are_the_thesis_epochs_clipped_to_the_profile():
@@ -125,11 +166,20 @@ def test_evaluate_and_table_rows_on_synthsvt(tmp_path, monkeypatch):
 
     train_set = sf.pair_dataset(data.train, bundle)
     assert len(train_set) == data.train.n_words
+    padded = sf.pair_dataset(data.train, bundle, pads=(0.0, 0.1, 0.2))
+    assert len(padded) == 3 * data.train.n_words
+    assert torch.equal(padded.x[: len(train_set)], train_set.x)  # pad 0 first: the plain crops
+    assert not torch.equal(padded.x[len(train_set):2 * len(train_set)], train_set.x)
+    assert padded.texts == 3 * train_set.texts
     cfg = _cfg(ft_epochs=2, ft_checkpoints=(1, 2), ft_batch_size=8)
     sf.finetune(model, train_set, cfg, tmp_path / "run", progress=False)
     rows = sf.evaluate_checkpoints(model, ev, tmp_path / "run", [1, 2], zero_shot=m, verbose=False)
     assert [r["epoch"] for r in rows] == [0, 1, 2]
-    assert set(rows[0]) == {"epoch", *sf.TABLE_COLUMNS}
+    assert set(rows[0]) == {"epoch", *sf.TABLE_COLUMNS, "logit_scale", "precision_at_zero_shot_scale"}
+    assert rows[0]["precision_at_zero_shot_scale"] == rows[0]["precision"]
+    # at its own temperature a checkpoint's precision is the one evaluate() reports
+    again = sf.evaluate(model, ev, reference_scale=rows[-1]["logit_scale"])
+    assert again["precision_at_reference_scale"] == pytest.approx(rows[-1]["precision"], rel=1e-9)
 
 
 def test_best_by_precision_ignores_zero_shot_and_prefers_the_earlier_tie():
