@@ -473,17 +473,24 @@ def save_table(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def run_dir(profile: str, bundle: cs.ClipBundle) -> Path:
+def run_dir(profile: str, bundle: cs.ClipBundle, svt_cfg: dict | None = None) -> Path:
     """Checkpoint folder of notebook 07's fine-tuning run, under the course cache.
 
-    The folder name carries the starting weights (sha256 prefix, or ``random``), so a run never
-    resumes from checkpoints that grew out of other weights.
+    The folder name carries the starting weights (sha256 prefix, or ``random``) and, given
+    ``svt_cfg``, a hash of its fine-tuning knobs (``ft_*``), so a run never resumes from
+    checkpoints that grew out of other weights or other settings.
     """
+    import hashlib
+
     from .shapes import cache_root
 
     start = "random" if bundle.info.get("random_init") else (
         bundle.info.get("sha256", "")[:12] or str(bundle.info.get("pretrained", "openai")))
-    return cache_root() / "runs" / f"07_clip_svt_{profile}_{bundle.kind}_{start}"
+    name = f"07_clip_svt_{profile}_{bundle.kind}_{start}"
+    if svt_cfg is not None:
+        knobs = {k: v for k, v in sorted(dict(svt_cfg).items()) if k.startswith("ft_")}
+        name += "_" + hashlib.sha256(json.dumps(knobs, default=str).encode()).hexdigest()[:8]
+    return cache_root() / "runs" / name
 
 
 def best_checkpoint_path(profile: str) -> Path:

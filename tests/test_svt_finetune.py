@@ -254,3 +254,13 @@ def test_nb06_nb07_checks_accept_own_code_and_fall_back_otherwise():
     assert not checks.RESULTS["7.2 training_step"].passed
     assert checks.nb06.check_probability_matrix(cs.word_image_probabilities) is cs.word_image_probabilities
     assert not checks.RESULTS["6.1 probability_matrix"].passed
+
+
+def test_run_dir_names_the_weights_and_the_fine_tuning_knobs():
+    bundle = cs.ClipBundle(_model(), cs.small_clip_preprocess, cs._small_tokenizer(), "small", "test",
+                           {"sha256": "ab" * 32})
+    a = sf.run_dir("cpu", bundle, _cfg())
+    assert a.name.startswith("07_clip_svt_cpu_small_" + "ab" * 6)
+    assert a == sf.run_dir("cpu", bundle, dict(_cfg(), n_train=5))  # not a fine-tuning knob
+    assert a != sf.run_dir("cpu", bundle, _cfg(ft_logit_scale_lr=1e-2))
+    assert a != sf.run_dir("cpu", bundle, _cfg(ft_epochs=4))
