@@ -783,8 +783,8 @@ def finetune_like_notebook07(bundle: ClipBundle, train: Any, test: Any, svt_cfg:
     ev = sf.build_eval_set(test, bundle)
     zero = sf.evaluate(bundle.model, ev)
     ckpt_dir = Path(tempfile.mkdtemp(prefix="odits_ft_"))
-    sf.finetune(bundle.model, sf.pair_dataset(train, bundle, pads=svt_cfg["ft_crop_pads"]), svt_cfg, ckpt_dir, resume=False,
-                seed=svt_cfg["seed"], progress=progress)
+    pairs = sf.pair_dataset(train, bundle, pads=svt_cfg["ft_crop_pads"])
+    sf.finetune(bundle.model, pairs, svt_cfg, ckpt_dir, resume=False, seed=svt_cfg["seed"], progress=progress)
     rows = sf.evaluate_checkpoints(bundle.model, ev, ckpt_dir, sf.checkpoint_epochs(svt_cfg),
                                    zero_shot=zero, verbose=False)
     best = sf.best_by(rows, "precision")

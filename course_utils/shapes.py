@@ -112,6 +112,12 @@ def make_query(objects: Sequence[ShapeObject], rng: np.random.Generator,
     return prefix + " and ".join(term_text(*t) for t in terms), terms
 
 
+def alignment_labels(objects: Sequence[ShapeObject],
+                     terms: Sequence[tuple[str | None, str | None]]) -> list[bool]:
+    """Which objects a query with these terms describes: one bool per object."""
+    return [any(matches(o, t) for t in terms) for o in objects]
+
+
 def make_scene(image_id: int, rng: np.random.Generator, size: int, min_shapes: int,
                max_shapes: int, min_size: int, max_size: int) -> Scene:
     """Generate one scene's annotations (objects, query, alignment labels)."""
@@ -122,8 +128,7 @@ def make_scene(image_id: int, rng: np.random.Generator, size: int, min_shapes: i
         for x, y, s in _place_objects(rng, size, n, min_size, max_size)
     ]
     query, terms = make_query(objects, rng)
-    aligned = [any(matches(o, t) for t in terms) for o in objects]
-    return Scene(image_id, size, objects, query, terms, aligned)
+    return Scene(image_id, size, objects, query, terms, alignment_labels(objects, terms))
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Sequence[float],
@@ -187,7 +192,7 @@ def extra_queries(scene: Scene, k: int) -> tuple[list[str], list[list[bool]]]:
     for j in range(k):
         query, terms = make_query(scene.objects, np.random.default_rng([scene.image_id, 1, j]))
         queries.append(query)
-        labels.append([any(matches(o, t) for t in terms) for o in scene.objects])
+        labels.append(alignment_labels(scene.objects, terms))
     return queries, labels
 
 
