@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 from torchvision.ops import roi_align
 
 from .captions import COLORS, SIZES, CaptionedSplit, Vocabulary
@@ -264,7 +264,13 @@ class TextEncoder(nn.Module):
         self.bidirectional = bidirectional
         self.embed_dim = embed_dim
 
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def packed_words(self, tokens: torch.Tensor, lengths: torch.Tensor) -> PackedSequence:
+        """The l2-normalised word features of every real word, as a ``PackedSequence``.
+
+        ``.data`` is ``(sum(lengths), embed_dim)``: time step ``t`` holds the ``batch_sizes[t]``
+        longest captions (in ``sorted_indices`` order).  No padding is ever computed on, which is
+        what a model that only pools the words (notebook 05) needs.
+        """
         if tokens.ndim != 2:
             raise ValueError(f"tokens: expected shape (B, L), got {tuple(tokens.shape)}")
         if (lengths < 1).any():
@@ -273,11 +279,15 @@ class TextEncoder(nn.Module):
         # Packing makes the backward direction start at each caption's last real word, not at padding.
         packed = pack_padded_sequence(self.embed(tokens), lengths.cpu(), batch_first=True,
                                       enforce_sorted=False)
-        out, _ = self.gru(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+        out = self.gru(packed)[0].data
         if self.bidirectional:
-            out = (out[..., :self.embed_dim] + out[..., self.embed_dim:]) / 2
-        return l2norm(out)
+            out = (out[:, :self.embed_dim] + out[:, self.embed_dim:]) / 2
+        return packed._replace(data=l2norm(out))
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        out, _ = pad_packed_sequence(self.packed_words(tokens, lengths), batch_first=True,
+                                     total_length=tokens.shape[1])
+        return out
 
 
 def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:

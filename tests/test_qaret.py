@@ -24,10 +24,23 @@ from course_utils.qaret import (
     encode_gallery,
     encode_queries,
     keep_regions,
+    mean_words,
     score_all,
+    speed_by_gallery_size,
+    speed_table,
     train_query_agnostic,
 )
-from course_utils.scan import Backbone, attend, recall_at_k
+from course_utils.scan import (
+    SCAN,
+    Backbone,
+    RetrievalData,
+    TextEncoder,
+    attend,
+    l2norm,
+    length_mask,
+    recall_at_k,
+    variant_config,
+)
 
 
 def test_keep_regions_area_threshold():
@@ -94,6 +107,69 @@ def test_query_agnostic_scores_equal_pairwise_dot_products_and_train():
     assert 0 <= recall_at_k(sims, sp.cap_to_img)["rsum"] <= 600
     with pytest.raises(ValueError, match=r"regions \(B, k, F\)"):
         model.encode_image(glob, reg[:, 0], keep)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_caption_vector_is_the_masked_mean_of_the_padded_words(bidirectional):
+    """Pooling on the packed words equals the plain masked mean over SCAN's padded (B, L, d) words."""
+    torch.manual_seed(0)
+    enc = TextEncoder(20, 6, 8, bidirectional=bidirectional)
+    lengths = torch.tensor([3, 7, 1, 7, 5, 2])
+    tokens = torch.randint(1, 20, (6, 9)) * length_mask(lengths, 9)
+    words = enc(tokens, lengths)                                           # (B, L, d), zero at padding
+    m = length_mask(lengths, 9).float()[..., None]
+    expected = (words * m).sum(1) / lengths[:, None]
+    got = mean_words(enc.packed_words(tokens, lengths))
+    assert got.shape == (6, 8)
+    assert torch.allclose(got, expected, atol=1e-6)
+    # Gradients reach the encoder the same way.
+    g1 = torch.autograd.grad(l2norm(got).sum(), enc.gru.weight_hh_l0)[0]
+    g2 = torch.autograd.grad(l2norm(expected).sum(), enc.gru.weight_hh_l0)[0]
+    assert torch.allclose(g1, g2, atol=1e-5)
+    # Captions already sorted by length give the same vectors.
+    order = lengths.argsort(descending=True)
+    got_sorted = mean_words(enc.packed_words(tokens[order], lengths[order]))
+    assert torch.allclose(got_sorted, expected[order], atol=1e-6)
+    with pytest.raises(ValueError, match="caption 2 is empty"):
+        enc.packed_words(tokens, torch.tensor([3, 7, 0, 7, 5, 2]))
+
+
+def _race_models(cfg):
+    splits = build_captioned(cfg)
+    n_feat, k = 12, int(cfg["k_fine"])
+    g = torch.Generator().manual_seed(0)
+    feats = {name: {"fine": torch.randn(len(sp), k, n_feat, generator=g),
+                    "coarse": torch.randn(len(sp), 1, n_feat, generator=g),
+                    "boxes": torch.tensor([[0.0, 0.0, 20.0, 20.0]]).repeat(len(sp), k, 1)}
+             for name, sp in splits.items()}
+    data = RetrievalData.build(splits, feats)
+    torch.manual_seed(0)
+    scan = SCAN(n_feat, len(data.vocab), 8, 16, variant_config("i2t", "lse", cfg))
+    qa = QueryAgnostic(n_feat, len(data.vocab), 8, 16, 2)
+    return data, scan, qa
+
+
+def test_speed_table_times_both_models_the_same_way():
+    cfg = get_config("smoke").retrieval
+    data, scan, qa = _race_models(cfg)
+    out = speed_table(scan, qa, data, cfg, repeats=3)
+    n_img, n_cap = len(data.feats["test"]["fine"]), len(data.texts["test"]["coarse"][0])
+    assert (out["n_images"], out["n_captions"], out["repeats"]) == (n_img, n_cap, 3)
+    assert len(out["ratio_rounds"]) == 3
+    secs = [v for k, v in out.items() if k.endswith("_s")]
+    assert len(secs) == 7 and all(v > 0 for v in secs)
+    assert out["ratio"] == pytest.approx(out["scan_s"] / out["query_agnostic_s"])
+    assert out["scoring_ratio"] == pytest.approx(out["scan_scoring_s"] / out["qa_matrix_product_s"])
+    assert out["scan_encode_s"] < out["scan_s"]
+
+
+def test_speed_by_gallery_size_tiles_the_test_images():
+    cfg = get_config("smoke").retrieval
+    data, scan, qa = _race_models(cfg)
+    n_img = len(data.feats["test"]["fine"])
+    rows = speed_by_gallery_size(scan, qa, data, cfg, sizes=(n_img // 2, 3 * n_img))
+    assert [r["n_images"] for r in rows] == [n_img // 2, 3 * n_img]
+    assert all(r["ratio"] == pytest.approx(r["scan_s"] / r["query_agnostic_s"]) for r in rows)
 
 
 def test_matchmap_scores_by_hand():
