@@ -107,12 +107,13 @@ def main(argv: list[str] | None = None) -> dict:
     print("query-agnostic (whole captions):", qa_sent_row, flush=True)
     # the same SCAN as notebook 05: the bi-GRU fine-grained row with the best image-retrieval R@1
     race = max((g for g in grid if g["level"] == "fine" and g["row"] in BIDIRECTIONAL_ROWS), key=lambda g: g["t2i_r1"])
-    speed = QA.speed_table(models[("fine", race["row"])], qa["model"], data, cfg, repeats=3)
+    race_model = models[("fine", race["row"])]
+    speed = QA.speed_table(race_model, qa["model"], data, cfg, repeats=3)
     speed["scan_row"] = race["row"]
     speed["whole_captions_query_agnostic_s"] = QA.query_agnostic_seconds(qa_sent["model"], data, cfg, "coarse")
     speed["whole_captions_ratio"] = speed["scan_s"] / speed["whole_captions_query_agnostic_s"]
     print("speed:", speed, flush=True)
-    by_size = QA.speed_by_gallery_size(models[("fine", race["row"])], qa["model"], data, cfg,
+    by_size = QA.speed_by_gallery_size(race_model, qa["model"], data, cfg,
                                        sizes=tuple(cfg["speed_gallery_sizes"]))
     print("speed by gallery size:", by_size, flush=True)
 
