@@ -40,22 +40,22 @@ test-notebooks: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env solutions notebooks $(PYTEST_ARGS)
 
 notebooks: $(STAMP)
-	$(PY) -m course_utils.nbbuild
+	$(PY) -m course_tools.nbbuild
 
 reproduce: $(STAMP)
-	COURSE_FIGURES=$(CURDIR)/figures $(PY) -m course_utils.nbrun solutions/*.ipynb --profile auto --inplace
+	COURSE_FIGURES=$(CURDIR)/figures $(PY) -m course_tools.nbrun solutions/*.ipynb --profile auto --inplace
 	$(MAKE) benchmarks
-	$(PY) -m course_utils.nbbuild
+	$(PY) -m course_tools.nbbuild
 
 benchmarks: $(STAMP)
 	@for b in benchmarks/*.py; do echo "== $$b"; MPLBACKEND=Agg $(PY) $$b || exit 1; done
-	$(PY) -m course_utils.report
+	$(PY) -m course_tools.report
 
 readme: $(STAMP)
-	$(PY) -m course_utils.report
+	$(PY) -m course_tools.report
 
 lint: $(STAMP)
-	$(PY) -m ruff check course_utils tests benchmarks tools
+	$(PY) -m ruff check course_utils course_tools tests benchmarks tools
 
 clean:
 	rm -rf .cache .pytest_cache figures/*.png

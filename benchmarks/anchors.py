@@ -17,11 +17,11 @@ import time
 
 import torch
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
-from torchvision.ops import box_iou as tv_box_iou
 
-from course_utils import boxes as B
+from course_tools.report import write_result
+from course_utils import boxes
 from course_utils.profiles import resolve_profile_name
-from course_utils.report import write_result
+from course_utils.recipes.detection import matcher_labels
 
 
 def make_cases(n_images: int, n_boxes: int = 20, size: int = 512, seed: int = 0) -> list[torch.Tensor]:
@@ -36,15 +36,12 @@ def make_cases(n_images: int, n_boxes: int = 20, size: int = 512, seed: int = 0)
 
 
 def ours_label(anchors: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    return B.label_anchors(anchors, gt, 0.6, 0.1)[0]
+    return boxes.label_anchors(anchors, gt, 0.6, 0.1)[0]
 
 
 def torchvision_label(anchors: torch.Tensor, gt: torch.Tensor, matcher: Matcher) -> torch.Tensor:
     # What torchvision's RegionProposalNetwork.assign_targets_to_anchors does per image.
-    m = matcher(tv_box_iou(gt, anchors))
-    labels = (m >= 0).to(torch.int64)
-    labels[m == Matcher.BETWEEN_THRESHOLDS] = -1
-    return labels
+    return matcher_labels(anchors, gt, matcher)[0]
 
 
 def time_blocks(fn, cases, blocks: int) -> list[float]:
@@ -64,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # per-image work this small only measures threading overhead otherwise
 
-    anchors = B.anchor_grid((16, 16), (512, 512), 64)
+    anchors = boxes.anchor_grid((16, 16), (512, 512), 64)
     cases = make_cases(args.images)
     matcher = Matcher(0.6, 0.1, allow_low_quality_matches=True)
     sampler = BalancedPositiveNegativeSampler(256, 0.5)
@@ -76,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     pipelines = {
         "ours_label": lambda gt: ours_label(anchors, gt),
         "torchvision_label": lambda gt: torchvision_label(anchors, gt, matcher),
-        "ours_label_sample": lambda gt: B.sample_anchors(ours_label(anchors, gt), 256, generator=g),
+        "ours_label_sample": lambda gt: boxes.sample_anchors(ours_label(anchors, gt), 256, generator=g),
         "torchvision_label_sample": lambda gt: sampler([torchvision_label(anchors, gt, matcher)]),
     }
     for fn in pipelines.values():  # warm-up

@@ -30,11 +30,19 @@ from pathlib import Path
 
 import torch
 
-from course_utils import clip_svt as cs
-from course_utils import svt_finetune as sf
+from course_tools.report import write_result
+from course_utils.clip.data import load_svt_data
+from course_utils.clip.loading import load_clip, pretraining_overlap
+from course_utils.clip.wordspotting import (
+    TABLE_2_6,
+    TABLE_COLUMNS,
+    classification_metrics,
+    threshold_confusion,
+    youden_thresholds,
+)
 from course_utils.env import seed_everything
 from course_utils.profiles import get_config, resolve_profile_name
-from course_utils.report import write_result
+from course_utils.recipes.clip_finetune import finetune_and_select
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,29 +57,18 @@ def main(argv: list[str] | None = None) -> dict:
     wall: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    data = sf.load_svt_data(S, allow_download=S["download_svt"])
+    data = load_svt_data(S, allow_download=S["download_svt"])
     wall["data_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    bundle = sf.load_model(S["clip_kind"])
-    ev = sf.build_eval_set(data.test, bundle)
-    zero = sf.evaluate(bundle.model, ev, return_matrices=True)
-    P = zero.pop("P")
-    zero.pop("image_emb"), zero.pop("text_emb")
-    approach1 = cs.classification_metrics(cs.threshold_confusion(P, ev.Y, cs.youden_thresholds(P, ev.Y)))
-    wall["zero_shot_eval_s"] = time.perf_counter() - t0
-    print("zero-shot: " + "  ".join(f"{k} {zero[k]:.4f}" for k in sf.TABLE_COLUMNS))
-
-    t0 = time.perf_counter()
-    train_set = sf.pair_dataset(data.train, bundle, pads=S.ft_crop_pads)
+    bundle = load_clip(S["clip_kind"])
     with tempfile.TemporaryDirectory() as tmp:
-        history = sf.finetune(bundle.model, train_set, S, Path(tmp) / "run", seed=args.seed, progress=False)
-        wall["finetune_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rows = sf.evaluate_checkpoints(bundle.model, ev, Path(tmp) / "run", sf.checkpoint_epochs(S),
-                                       zero_shot=zero)
-        wall["checkpoint_eval_s"] = time.perf_counter() - t0
-    best = sf.best_by(rows, "precision")
+        res = finetune_and_select(bundle, data.train, data.test, S, Path(tmp) / "run", seed=args.seed, verbose=True)
+    wall["zero_shot_finetune_and_checkpoint_eval_s"] = time.perf_counter() - t0
+    ev, zero, P, rows, best, history = res.ev, res.zero_shot, res.zero_shot_P, res.rows, res.best, res.history
+    train_set = res.train_set
+    approach1 = classification_metrics(threshold_confusion(P, ev.Y, youden_thresholds(P, ev.Y)))
+    print("zero-shot: " + "  ".join(f"{k} {zero[k]:.4f}" for k in TABLE_COLUMNS))
     precision_gain = (best["precision"] - zero["precision"]) / zero["precision"] if zero["precision"] else float("nan")
     lex_change = best["lexicon50_top1"] - zero["lexicon50_top1"]
     targets = {"precision_gain_relative": precision_gain, "precision_gain_ge_10pct": bool(precision_gain >= 0.10),
@@ -81,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{lex_change * 100:+.1f} points")
 
     metrics = {
-        "zero_shot": {k: zero[k] for k in sf.TABLE_COLUMNS},
+        "zero_shot": {k: zero[k] for k in TABLE_COLUMNS},
         "zero_shot_approach1": approach1,
         "checkpoints": rows,
         "best_by_precision": best,
@@ -90,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": {k: round(v, 2) for k, v in wall.items()},
     }
     paper = {"source": "seed 004 Table 2.6: ViT-B/32 (OpenAI) fine-tuned on the real SVT, whole images",
-             "rows": {str(e): v for e, v in sf.TABLE_2_6.items()}}
+             "rows": {str(e): v for e, v in TABLE_2_6.items()}}
     data_label = "SVT" if data.real else "SynthSVT"
     model_label = "ViT-B/32" if bundle.kind == "full" else (
         "random small CLIP" if bundle.info.get("random_init") else "small CLIP")
@@ -99,14 +96,14 @@ def main(argv: list[str] | None = None) -> dict:
         table_rows.append({"notebook": "06", "experiment": f"zero-shot {model_label}, {data_label} test {ev.unit}s "
                            "(paper: thesis ViT-B/32, real SVT)",
                            "metric": c, "ours": round(zero[c], 4),
-                           "paper": sf.TABLE_2_6[0].get(c)})
+                           "paper": TABLE_2_6[0].get(c)})
     for c in ("precision", "lexicon50_top1"):
         table_rows.append({"notebook": "07", "experiment": f"fine-tuned {model_label}, best by precision (ours +{best['epoch']}; "
                            f"paper: thesis ViT-B/32 +20, real SVT), {data_label} test {ev.unit}s", "metric": c, "ours": round(best[c], 4),
-                           "paper": sf.TABLE_2_6[20].get(c) if c != "lexicon50_top1" else None})
+                           "paper": TABLE_2_6[20].get(c) if c != "lexicon50_top1" else None})
     table_rows.append({"notebook": "07", "experiment": "fine-tuning: relative precision gain of the best checkpoint (paper: thesis +20 vs zero-shot)",
                        "metric": "precision_gain", "ours": round(precision_gain, 4),
-                       "paper": round(sf.TABLE_2_6[20]["precision"] / sf.TABLE_2_6[0]["precision"] - 1, 4)})
+                       "paper": round(TABLE_2_6[20]["precision"] / TABLE_2_6[0]["precision"] - 1, 4)})
     # the same checkpoint's embeddings at the zero-shot temperature: what the embeddings learnt,
     # without the sharper softmax of the learnt 1/tau
     fixed_gain = best["precision_at_zero_shot_scale"] / zero["precision"] - 1 if zero["precision"] else float("nan")
@@ -117,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     extra = {"weights": bundle.weights, "data": data.source, "eval_unit": ev.unit, "eval_rows": len(ev.x),
              "vocabulary": len(ev.vocabulary), "train_pairs": len(train_set),
              "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(S).items()},
-             "pretraining_overlap": sf.pretraining_overlap(bundle),
+             "pretraining_overlap": pretraining_overlap(bundle),
              "threads": torch.get_num_threads()}
     path = write_result(f"clip_svt_{profile}", profile=profile, metrics=metrics, paper=paper, rows=table_rows,
                         extra=extra, results_dir=Path(args.results_dir) if args.results_dir else None)

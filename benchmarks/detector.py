@@ -7,7 +7,8 @@ paper's, the training and evaluation wall times and images/s for training and fo
 
     COURSE_PROFILE=cpu python benchmarks/detector.py [--fresh] [--max-steps N]
 
-Training checkpoints live where notebook 03 keeps them (``course_utils.rpn.checkpoint_dir``):
+Training is notebook 03's recipe (``course_utils.recipes.detection.train_detector``) and its
+checkpoints live where the notebook keeps them, ``run_dir(f"03_detector_{profile}", detector_knobs)``:
 after the notebook has run in the same profile the benchmark finds the finished run and only
 evaluates; the training time it reports is then the one recorded in the run's history (the sum
 of the per-epoch wall times, validation included).  ``--fresh`` trains again from scratch.
@@ -27,16 +28,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from course_tools.report import write_result  # noqa: E402
+from course_utils.cache import run_dir  # noqa: E402
 from course_utils.detection_metrics import (  # noqa: E402
     PAPER_TABLE1,
     evaluate_detector,
     format_table1,
     table1_rows,
 )
-from course_utils.detector import train_detector  # noqa: E402
 from course_utils.env import get_device  # noqa: E402
 from course_utils.profiles import get_config  # noqa: E402
-from course_utils.rpn import checkpoint_dir  # noqa: E402
+from course_utils.recipes.detection import detector_knobs, train_detector  # noqa: E402
 from course_utils.shapes import build_shapes  # noqa: E402
 
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{len(data['train'])}/{len(data['val'])}/{len(data['test'])}")
 
     # A --max-steps run is a smoke check of the configuration: never mix it with a cached run.
-    ckpt_dir = None if args.max_steps else checkpoint_dir(cfg, "03_detector", 0)
+    ckpt_dir = None if args.max_steps else run_dir(f"03_detector_{cfg.name}", detector_knobs(cfg, 0))
     t0 = time.perf_counter()
     model, hist = train_detector(cfg, data, ckpt_dir=ckpt_dir, device=device, progress=False,
                                  max_steps=args.max_steps, resume=not args.fresh)
@@ -110,15 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
              "note": ("full profile is the paper's configuration (§4.2-4.3); cpu/smoke are "
                       "smaller images, a from-scratch backbone and fewer epochs")}
     if not args.no_write:
-        try:
-            from course_utils.report import write_result
-        except ImportError:  # pragma: no cover - report.py is part of the package
-            write_result = None
-        name = f"detector_{cfg.name}"
-        if write_result is not None:
-            path = write_result(name, profile=cfg.name, metrics=result, paper=paper, rows=rows,
-                                extra=extra)
-            print(f"wrote {path}")
+        path = write_result(f"detector_{cfg.name}", profile=cfg.name, metrics=result, paper=paper, rows=rows,
+                            extra=extra)
+        print(f"wrote {path}")
     return result
 
 

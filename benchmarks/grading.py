@@ -1,7 +1,7 @@
 """Benchmark: how many notebook-01 submissions the grader gets through per minute (smoke profile).
 
 Grades a folder of synthetic submissions, half the solved notebook and half the untouched student
-version (built in memory from ``solutions/01_*.ipynb``), with ``course_utils.grade`` exactly as an
+version (built in memory from ``solutions/01_*.ipynb``), with ``course_tools.grade`` exactly as an
 instructor would, once per ``--jobs`` value, and writes ``benchmarks/results/grading.json``.
 
     python benchmarks/grading.py [--n 4] [--jobs 1 2]
@@ -22,9 +22,9 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip in
 
 import nbformat  # noqa: E402
 
-from course_utils.grade import exercise_ids, grade_folder, solution_path  # noqa: E402
-from course_utils.nbbuild import canonical_solution, dumps, make_student  # noqa: E402
-from course_utils.report import write_result  # noqa: E402
+from course_tools.grade import exercise_ids, grade_folder, solution_path  # noqa: E402
+from course_tools.nbbuild import canonical_solution, dumps, make_student  # noqa: E402
+from course_tools.report import write_result  # noqa: E402
 
 NOTEBOOK = "01"
 PROFILE = "smoke"

@@ -2,8 +2,9 @@
 
 Seed 004 Ch. 3 designs ODITS but never trains it; this script does, then measures on the test
 split, for every model, the five columns of Table 2.6 (accuracy, precision, recall, F1 with the
-soft counts of approach 2, and the uniformity) plus lexicon-50 top-1 (share of test images whose
-most probable lexicon word is written in them):
+soft counts of approach 2, and the normalised similarity entropy, the thesis's "Uniformity") plus
+lexicon-50 top-1 (share of test images whose most probable lexicon word is written in them), all
+through the one evaluator of notebooks 06-08 (``course_utils.clip.wordspotting.table_2_6_metrics``):
 
 * **CLIP** — the word–image probabilities of the CLIP ODITS starts from (whole image only);
 * **ODITS** — trained on the train split (shared CLIP towers frozen, new layers learnt);
@@ -29,13 +30,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from course_utils import odits as O
+from course_tools.report import write_result
+from course_utils.clip.data import load_svt_data
+from course_utils.clip.masks import load_mask_source
+from course_utils.clip.objects import anderson_table, count_statistics, format_anderson_table
+from course_utils.clip.odits import set_deterministic
 from course_utils.env import get_device
-from course_utils.masks import load_mask_source
 from course_utils.profiles import get_config, resolve_profile_name
-from course_utils.report import write_result
+from course_utils.recipes.odits import (
+    finetune_start_clip,
+    head_to_head,
+    load_start_clip,
+    split_features,
+    train_odits,
+)
+from course_utils.svt import load_svt_splits, word_spotting_vocabulary
 
-TABLE_COLUMNS = ("accuracy", "precision", "recall", "f1", "uniformity", "lexicon50_top1")
+TABLE_COLUMNS = ("accuracy", "precision", "recall", "f1", "entropy", "lexicon50_top1")
 #: Table 3.3 of the seed: SAM objects on real SVT, H0 "exponential"
 PAPER_AD_EXPON = 20.4421
 
@@ -55,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default=None)
     ap.add_argument("--clip-checkpoint", default=None,
-                    help="notebook 07's fine-tuned CLIP (default: svt_finetune.best_checkpoint_path(profile) if it exists)")
+                    help="notebook 07's fine-tuned CLIP (default: recipes.clip_finetune.best_checkpoint_path(profile) if it exists)")
     ap.add_argument("--svt", default=None, help="a real SVT folder (train.xml, test.xml, img/)")
     ap.add_argument("--no-finetune", action="store_true",
                     help="without notebook 07's checkpoint, start from the CLIP as loaded instead of fine-tuning it here")
@@ -65,26 +76,22 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = get_config(profile)
     oc = cfg.odits
     t_all = time.perf_counter()
-    O.set_deterministic(oc.seed)
-
-    from course_utils.svt import load_svt_splits, word_spotting_vocabulary
+    set_deterministic(oc.seed)
 
     if args.svt:
         splits = load_svt_splits(args.svt)
         data_line = f"SVT ({args.svt})"
     else:  # the same data notebooks 06-07 use (real SVT when cached, else SynthSVT)
-        from course_utils import svt_finetune as sf
-
-        data = sf.load_svt_data(cfg.svt, allow_download=profile == "full", verbose=False)
+        data = load_svt_data(cfg.svt, allow_download=profile == "full", verbose=False)
         splits = {"train": data.train, "test": data.test}
         data_line = (f"{'SVT' if data.real else 'SynthSVT'} ({len(data.train)} train / "
                      f"{len(data.test)} test)")
     words = word_spotting_vocabulary(list(splits.values()))
     device = get_device()
-    bundle = O.load_start_clip(cfg.svt.clip_kind, profile, args.clip_checkpoint, device)
+    bundle = load_start_clip(cfg.svt.clip_kind, profile, args.clip_checkpoint, device)
     t0 = time.perf_counter()
     if not bundle.info.get("finetuned") and oc.finetune_clip_if_missing and not args.no_finetune:
-        O.finetune_like_notebook07(bundle, splits["train"], splits["test"], cfg.svt)
+        finetune_start_clip(bundle, splits["train"], splits["test"], cfg.svt)
     t_finetune = time.perf_counter() - t0
     source, source_line = load_mask_source(oc.mask_source, device=device, max_objects=oc.max_objects)
     print(f"[odits] data: {data_line}; vocabulary {len(words)} words\n[odits] {bundle.weights}\n"
@@ -92,41 +99,33 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     text_emb = bundle.encode_texts(words)
-    feats = {s: O.extract_features(bundle, splits[s].images, source, words, max_objects=oc.max_objects,
-                                   background=oc.background, crop=oc.crop) for s in ("train", "test")}
+    feats = split_features(bundle, {s: splits[s] for s in ("train", "test")}, source, words, oc)
     t_features = time.perf_counter() - t0
     scale = bundle.logit_scale
 
     test = feats["test"]
-    results: dict[str, dict[str, float]] = {
-        "clip": O.word_spotting_metrics(O.clip_probabilities(test, text_emb, scale), test.targets, test.lexicon),
-        "objects_no_training": O.word_spotting_metrics(O.object_max_probabilities(test, text_emb, scale),
-                                                       test.targets, test.lexicon),
-    }
-    runs: dict[str, dict[str, Any]] = {}
+    models, runs = {}, {}
     for name, use in (("odits", True), ("odits_no_objects", False)):
-        model, _, info = O.train_odits(bundle.model, feats["train"], words, text_emb, oc, use_objects=use,
-                                       device=device)
-        t0 = time.perf_counter()
-        pred = O.predict(model, test)
-        info["predict_s"] = time.perf_counter() - t0
-        results[name] = O.word_spotting_metrics(pred["P"], test.targets, test.lexicon)
-        runs[name] = info
+        models[name], _, runs[name] = train_odits(bundle.model, feats["train"], words, text_emb, oc,
+                                                  use_objects=use, device=device)
+    t0 = time.perf_counter()
+    _, results = head_to_head(models, test, text_emb, scale)
+    t_compare = time.perf_counter() - t0
 
     counts = {s: feats[s].counts.tolist() for s in feats}
     try:
-        ad = O.anderson_table(counts["train"])
+        ad = anderson_table(counts["train"])
     except ValueError as err:  # e.g. every image has the same number of objects
         print(f"[odits] Anderson–Darling skipped: {err}")
         ad = []
-    stats = {s: O.count_statistics(c) for s, c in counts.items()}
+    stats = {s: count_statistics(c) for s, c in counts.items()}
     wall = time.perf_counter() - t_all
 
     print(f"\n{'model':<22}" + "".join(f"{c:>15}" for c in TABLE_COLUMNS))
     for name, m in results.items():
         print(f"{name:<22}" + "".join(f"{m[c]:>15.4f}" for c in TABLE_COLUMNS))
     if ad:
-        print("\nTable 3.3 (object counts of the train split)\n" + O.format_anderson_table(ad))
+        print("\nTable 3.3 (object counts of the train split)\n" + format_anderson_table(ad))
     print(f"\nobjects per image: {stats}\nwall: features {t_features:.1f}s, total {wall:.1f}s")
 
     label = {"clip": "CLIP (init of ODITS)", "odits": "ODITS", "odits_no_objects": "ODITS without objects",
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = _finite({
         "models": results, "runs": runs, "anderson_darling": ad, "object_counts": counts,
         "object_count_stats": stats,
-        "wall_s": {"finetune_clip": t_finetune, "features": t_features, "total": wall,
+        "wall_s": {"finetune_clip": t_finetune, "features": t_features, "compare": t_compare, "total": wall,
                    **{f"train_{k}": v["train_s"] for k, v in runs.items()}},
     })
     extra = {"data": data_line, "weights": bundle.weights, "objects": source_line, "vocabulary": len(words),

@@ -30,13 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from course_utils import matchmap as MM  # noqa: E402
-from course_utils import qaret as QA  # noqa: E402
-from course_utils import scan as S  # noqa: E402
+from course_tools.report import write_result  # noqa: E402
+from course_utils import matchmap, scan  # noqa: E402
+from course_utils.cache import run_dir  # noqa: E402
 from course_utils.captions import build_captioned  # noqa: E402
 from course_utils.env import seed_everything  # noqa: E402
 from course_utils.profiles import get_config  # noqa: E402
-from course_utils.report import write_result  # noqa: E402
+from course_utils.recipes import retrieval, speed_race  # noqa: E402
 
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 # Seed 001 poster, MSCOCO 5K: query-dependent 6349.5 s vs query-agnostic 167.2 s.
@@ -44,17 +44,17 @@ PAPER_SPEED_RATIO = 6349.5 / 167.2
 BIDIRECTIONAL_ROWS = ("t-i LSE", "t-i AVG", "i-t LSE", "i-t AVG")
 
 
-def loop_vs_vectorised(model: S.SCAN, data: S.RetrievalData, level: str, n_img: int, n_cap: int) -> dict:
+def loop_vs_vectorised(model: scan.SCAN, data: retrieval.RetrievalData, level: str, n_img: int, n_cap: int) -> dict:
     """Same inputs (the first ``n_img`` test images, ``n_cap`` test captions) through both versions."""
     feats = data.feats["test"][level][:n_img]
     tok, ln = (t[:n_cap] for t in data.texts["test"][level])
-    img, cap = S.encode(model, feats, tok, ln)
-    S.scan_similarity(img, cap, ln, model.cfg)  # warm-up
+    img, cap = scan.encode(model, feats, tok, ln)
+    scan.scan_similarity(img, cap, ln, model.cfg)  # warm-up
     t = time.perf_counter()
-    fast = S.scan_similarity(img, cap, ln, model.cfg)
+    fast = scan.scan_similarity(img, cap, ln, model.cfg)
     t_fast = time.perf_counter() - t
     t = time.perf_counter()
-    slow = S.scan_similarity_loop(img, cap, ln, model.cfg)
+    slow = scan.scan_similarity_loop(img, cap, ln, model.cfg)
     t_slow = time.perf_counter() - t
     return {"n_images": n_img, "n_captions": n_cap, "max_abs_diff": float((fast - slow).abs().max()),
             "vectorised_s": t_fast, "loop_s": t_slow, "ratio": t_slow / t_fast}
@@ -77,15 +77,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     splits = build_captioned(cfg, seed=args.seed)
     t = time.perf_counter()
-    feats, backbone, bb_stats = S.build_features(splits, cfg, seed=args.seed)
+    feats, backbone, bb_stats = retrieval.build_features(splits, cfg, seed=args.seed)
     features_s = time.perf_counter() - t
-    data = S.RetrievalData.build(splits, feats)
-    ckpt_root = S.checkpoint_root(cfg, args.seed)
+    data = retrieval.RetrievalData.build(splits, feats)
+    ckpt_root = run_dir("04_scan_grid", retrieval.scan_grid_knobs(cfg, args.seed))
 
     grid, models = [], {}
     for level in ("fine", "coarse"):  # fine first: the headline number
-        for row, *_ in S.TABLE_4_1:
-            res = S.run_variant(data, level, row, cfg, seed=args.seed, ckpt_root=ckpt_root, progress=False)
+        for row, *_ in retrieval.TABLE_4_1:
+            res = retrieval.run_variant(data, level, row, cfg, seed=args.seed, ckpt_root=ckpt_root, progress=False)
             models[(level, row)] = res["model"]
             grid.append({"level": level, "row": row, **{k: round(res[k], 2) for k in KEYS},
                          "train_s": round(res["train_s"], 1), "eval_s": round(res["eval_s"], 1)})
@@ -97,24 +97,24 @@ def main(argv: list[str] | None = None) -> dict:
     loop = loop_vs_vectorised(best_model, data, best_any["level"], int(cfg["loop_images"]), int(cfg["loop_captions"]))
     print("loop vs vectorised:", loop, flush=True)
 
-    qa = QA.run_query_agnostic(data, cfg, text_level="fine", seed=args.seed, ckpt_dir=ckpt_root / "query_agnostic",
-                               progress=False)
+    qa_root = run_dir("05_query_agnostic", retrieval.query_agnostic_knobs(cfg, args.seed))
+    qa = retrieval.run_query_agnostic(data, cfg, text_level="fine", seed=args.seed, ckpt_dir=qa_root, progress=False)
     qa_row = {k: round(qa[k], 2) for k in KEYS}
     print("query-agnostic (noun phrases):", qa_row, flush=True)
-    qa_sent = QA.run_query_agnostic(data, cfg, text_level="coarse", seed=args.seed,
-                                    ckpt_dir=ckpt_root / "query_agnostic", progress=False)
+    qa_sent = retrieval.run_query_agnostic(data, cfg, text_level="coarse", seed=args.seed, ckpt_dir=qa_root,
+                                           progress=False)
     qa_sent_row = {k: round(qa_sent[k], 2) for k in KEYS}
     print("query-agnostic (whole captions):", qa_sent_row, flush=True)
     # the same SCAN as notebook 05: the bi-GRU fine-grained row with the best image-retrieval R@1
     race = max((g for g in grid if g["level"] == "fine" and g["row"] in BIDIRECTIONAL_ROWS), key=lambda g: g["t2i_r1"])
     race_model = models[("fine", race["row"])]
-    speed = QA.speed_table(race_model, qa["model"], data, cfg, repeats=3)
+    speed = speed_race.speed_table(race_model, qa["model"], data, cfg, repeats=3)
     speed["scan_row"] = race["row"]
-    speed["whole_captions_query_agnostic_s"] = QA.query_agnostic_seconds(qa_sent["model"], data, cfg, "coarse")
+    speed["whole_captions_query_agnostic_s"] = speed_race.query_agnostic_seconds(qa_sent["model"], data, cfg, "coarse")
     speed["whole_captions_ratio"] = speed["scan_s"] / speed["whole_captions_query_agnostic_s"]
     print("speed:", speed, flush=True)
-    by_size = QA.speed_by_gallery_size(race_model, qa["model"], data, cfg,
-                                       sizes=tuple(cfg["speed_gallery_sizes"]))
+    by_size = speed_race.speed_by_gallery_size(race_model, qa["model"], data, cfg,
+                                               sizes=tuple(cfg["speed_gallery_sizes"]))
     print("speed by gallery size:", by_size, flush=True)
 
     mm = {}
@@ -124,11 +124,12 @@ def main(argv: list[str] | None = None) -> dict:
         for loss_kind in (cfg["mm_loss"], "ranking" if cfg["mm_loss"] == "contrastive" else "contrastive"):
             t = time.perf_counter()
             torch.manual_seed(args.seed)
-            model = MM.MatchmapModel(backbone, len(data.vocab), int(cfg["word_dim"]), int(cfg["embed_dim"]))
-            losses = MM.train_matchmap(model, splits["train"], data.vocab, epochs=int(cfg["mm_epochs"]), seed=args.seed,
-                                       batch_size=int(cfg["mm_batch_size"]), loss=loss_kind, margin=float(cfg["mm_margin"]),
-                                       impostors=int(cfg["mm_impostors"]), temperature=float(cfg["mm_temperature"]))
-            mm[loss_kind] = {**MM.pointing_game(model, splits["test"], data.vocab, max_captions=500),
+            model = matchmap.MatchmapModel(backbone, len(data.vocab), int(cfg["word_dim"]), int(cfg["embed_dim"]))
+            losses = retrieval.train_matchmap(model, splits["train"], data.vocab, epochs=int(cfg["mm_epochs"]),
+                                              seed=args.seed, batch_size=int(cfg["mm_batch_size"]), loss=loss_kind,
+                                              margin=float(cfg["mm_margin"]), impostors=int(cfg["mm_impostors"]),
+                                              temperature=float(cfg["mm_temperature"]))
+            mm[loss_kind] = {**matchmap.pointing_game(model, splits["test"], data.vocab, max_captions=500),
                              "losses": losses, "train_s": time.perf_counter() - t}
             print(f"matchmap pointing game ({loss_kind} loss):", mm[loss_kind], flush=True)
 
@@ -143,19 +144,19 @@ def main(argv: list[str] | None = None) -> dict:
                                                     and f["row"] == c["row"])},
         "loop_vs_vectorised": loop,
         "query_agnostic": {**qa_row, "train_s": round(qa["train_s"], 1), "mean_regions_kept": qa["kept"],
-                           "text": QA.TEXT_LEVELS[qa["text_level"]]},
+                           "text": retrieval.TEXT_LEVELS[qa["text_level"]]},
         "query_agnostic_whole_captions": {**qa_sent_row, "train_s": round(qa_sent["train_s"], 1)},
         "speed": speed,
         "speed_by_gallery_size": by_size,
         "matchmap": mm,
         "backbone": bb_stats, "features_s": features_s, "total_s": time.perf_counter() - t_start,
     }
-    paper = {"table_4_1_chinese": S.PAPER_TABLE_4_1, "poster_speed_ratio": PAPER_SPEED_RATIO,
+    paper = {"table_4_1_chinese": retrieval.PAPER_TABLE_4_1, "poster_speed_ratio": PAPER_SPEED_RATIO,
              "poster_mscoco5k_scan": [50.4, 82.2, 90.0, 38.6, 69.3, 80.4],
              "poster_mscoco5k_ours": [67.8, 89.0, 94.2, 52.4, 78.5, 86.7]}
     rows = [{"notebook": "04", "experiment": f"SCAN {g['level']} {g['row']} (test {len(splits['test'])} img)",
              "metric": "image retrieval R@1 / rsum", "ours": f"{g['t2i_r1']:.1f} / {g['rsum']:.0f}",
-             "paper": (f"{S.PAPER_TABLE_4_1[g['row']][3]} / {sum(S.PAPER_TABLE_4_1[g['row']]):.0f} (Chinese art)"
+             "paper": (f"{retrieval.PAPER_TABLE_4_1[g['row']][3]} / {sum(retrieval.PAPER_TABLE_4_1[g['row']]):.0f} (Chinese art)"
                        if g["level"] == "fine" else "")}
             for g in grid]
     rows += [

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -165,10 +166,10 @@ def render(scene: CaptionedScene) -> np.ndarray:
 
 
 class CaptionedSplit:
-    """One split: ``scenes``, and the flat caption list in image order (5 per image).
+    """One split: ``scenes``, and the flat caption list in image order (``CAPTIONS_PER_IMAGE`` per
+    generated image).
 
-    * ``captions[c]`` is a :class:`Caption`; ``cap_to_img[c]`` the index of its image, so
-      caption ``c`` belongs to image ``c // 5``.
+    * ``captions[c]`` is a :class:`Caption`; ``cap_to_img[c]`` the index of its image.
     * ``images()`` -> ``(N, 3, H, W)`` float32 in ``[0, 1]``; ``boxes(i)`` -> ``(n_i, 4)``.
     """
 
@@ -177,6 +178,8 @@ class CaptionedSplit:
         self.captions: list[Caption] = [c for s in scenes for c in s.captions]
         self.cap_to_img = torch.tensor([i for i, s in enumerate(scenes) for _ in s.captions],
                                        dtype=torch.long)
+        # Image i's captions are captions[first[i]:first[i + 1]].
+        self._first = [0, *accumulate(len(s.captions) for s in scenes)]
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -189,6 +192,10 @@ class CaptionedSplit:
     def phrase_texts(self) -> list[str]:
         """Each caption's noun phrases joined: the fine-grained model's text."""
         return [" ".join(c.phrases) for c in self.captions]
+
+    def caption_range(self, i: int) -> range:
+        """Indices ``c`` into :attr:`captions` of image ``i``'s captions (they are contiguous)."""
+        return range(self._first[i], self._first[i + 1])
 
     def image(self, i: int) -> np.ndarray:
         """``(H, W, 3)`` uint8."""
@@ -241,7 +248,7 @@ def tokenize(text: str) -> list[str]:
     return text.lower().replace(",", " , ").split()
 
 
-class Vocabulary:
+class CaptionVocabulary:
     """Word <-> id; id 0 is padding, id 1 unknown."""
 
     def __init__(self, words: Sequence[str] = VOCAB_WORDS):
@@ -281,7 +288,7 @@ class Vocabulary:
         return tokens, lengths
 
     @classmethod
-    def from_texts(cls, texts: Sequence[str], min_count: int = 1) -> Vocabulary:
+    def from_texts(cls, texts: Sequence[str], min_count: int = 1) -> CaptionVocabulary:
         """A vocabulary of the words seen ``min_count`` times (for real captions)."""
         counts: dict[str, int] = {}
         for t in texts:

@@ -24,7 +24,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from torchvision.ops import box_iou
+from tqdm.auto import tqdm
+
+from .shapes import collate_scenes
 
 __all__ = [
     "PAPER_TABLE1",
@@ -143,11 +147,6 @@ def evaluate_detector(model, dataset, batch_size: int = 32, conf_thresh: float =
     Returns:
         ``(report, detections)``; ``detections`` is a list of ``(item, Detections)`` pairs.
     """
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from .shapes import collate_scenes
-
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -261,8 +260,6 @@ def alignment_by_query_kind(model, dataset, batch_size: int = 50) -> dict[str, d
     label); the RPN plays no part, so this isolates the proposal encoder, text encoder and
     alignment head.  Returns ``{kind: {"objects": n, "queries": q, "accuracy": a}}``.
     """
-    from .shapes import collate_scenes
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -4,12 +4,15 @@ The pieces, in the order the notebook builds them:
 
 * :class:`ProposalEncoder` (Fig. 3) -- ROI pooling to ``S x S`` (``torchvision.ops.roi_pool``),
   a conv, two fully connected layers, L2 normalisation: proposals -> ``(K, d_r)``.
-* :class:`Vocabulary` + :class:`TextEncoder` (Fig. 4) -- word tokens, a learned ⟨ENC⟩ token in
-  front, a Transformer encoder; the ⟨ENC⟩ output, L2-normalised, is the query's ``(B, d_t)``.
+* :class:`QueryVocabulary` + :class:`QueryEncoder` (Fig. 4) -- word tokens, a learned ⟨ENC⟩
+  token in front, a Transformer encoder; the ⟨ENC⟩ output, L2-normalised, is the query's
+  ``(B, d_t)``.
 * :class:`AlignmentHead` (Eq. 3) -- ``[f_r; f_t] -> 64 ReLU -> 1`` (a logit; sigmoid = Align).
 * :func:`alignment_loss` (Eq. 4) and :func:`score_proposals` (Eq. 5, Score = Conf x Align).
 * :class:`SemanticDetector` -- the RPN of notebook 02 plus all of the above, trained end to end
-  with ``L = L_rpn + L_align`` (§3.6) through :func:`detector_step` and ``course_utils.train.fit``.
+  with ``L = L_rpn + L_align`` (§3.6) through :func:`detector_step`; the training recipe that
+  notebook 03 and ``benchmarks/detector.py`` share is
+  :func:`course_utils.recipes.detection.train_detector`.
 
 Where §3.6 is vague -- which boxes the alignment head sees during training -- we take the
 decoded (and detached) boxes of the RPN's positive anchors, labelled with the alignment label of
@@ -30,23 +33,21 @@ from torch import nn
 from torchvision.ops import clip_boxes_to_image, roi_pool
 
 from .boxes import decode_boxes
-from .rpn import RPN, build_rpn, check_targets, make_optimizer
+from .rpn import RPN, build_rpn, check_targets
 from .shapes import QUERY_WORDS
 
 __all__ = [
     "AlignmentHead",
     "Detections",
     "ProposalEncoder",
+    "QueryEncoder",
+    "QueryVocabulary",
     "SemanticDetector",
-    "TextEncoder",
-    "Vocabulary",
     "alignment_loss",
     "build_detector",
     "clean_targets",
-    "make_optimizer",
     "detector_step",
     "score_proposals",
-    "train_detector",
 ]
 
 PAD, UNK = "<pad>", "<unk>"
@@ -87,9 +88,9 @@ class ProposalEncoder(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class Vocabulary:
+class QueryVocabulary:
     """Words <-> ids.  Id 0 is padding, id 1 the unknown token; the ⟨ENC⟩ token is not a word but a
-    learned vector inside :class:`TextEncoder`.
+    learned vector inside :class:`QueryEncoder`.
 
     ``encode(["red circles", ...])`` lower-cases, splits on anything that is not a letter, maps each
     word to its id and pads to the longest query.  A word outside the vocabulary becomes ``<unk>``
@@ -141,7 +142,7 @@ class Vocabulary:
         return ids, ids == self.stoi[PAD]
 
 
-class TextEncoder(nn.Module):
+class QueryEncoder(nn.Module):
     """Word embeddings + positions, a learned ⟨ENC⟩ token in front, a Transformer encoder (Fig. 4).
 
     ``forward(ids (B, L), padding_mask (B, L))`` returns the ⟨ENC⟩ output ``(B, embed_dim)``,
@@ -263,14 +264,14 @@ class Detections:
 
 
 class SemanticDetector(nn.Module):
-    """RPN + proposal encoder + text encoder + alignment head, trained end to end (Fig. 1).
+    """RPN + proposal encoder + query encoder + alignment head, trained end to end (Fig. 1).
 
     * ``forward(images (B, 3, H, W), queries: list of B str, boxes: list of (N_i, 4),
       aligned: list of (N_i,) bool)`` -> losses ``{"rpn", "rpn_cls", "rpn_box", "align"}``.
     * ``detect(images, queries)`` -> a list of :class:`Detections`, one per image.
     """
 
-    def __init__(self, rpn: RPN, vocab: Vocabulary, embed_dim: int = 64, roi_size: int = 2,
+    def __init__(self, rpn: RPN, vocab: QueryVocabulary, embed_dim: int = 64, roi_size: int = 2,
                  proposal_channels: int = 256, proposal_hidden: int = 256, text_heads: int = 2,
                  text_layers: int = 1, text_ff_dim: int = 128, max_query_len: int = 16,
                  align_hidden: int = 64, align_gt_boxes: bool = True, align_weight: float = 1.0):
@@ -283,8 +284,8 @@ class SemanticDetector(nn.Module):
         stride = rpn.backbone.stride
         self.proposal_encoder = ProposalEncoder(rpn.out_channels, 1.0 / stride, roi_size,
                                                 proposal_channels, proposal_hidden, embed_dim)
-        self.text_encoder = TextEncoder(len(vocab), embed_dim, text_heads, text_layers,
-                                        text_ff_dim, max_query_len)
+        self.text_encoder = QueryEncoder(len(vocab), embed_dim, text_heads, text_layers,
+                                         text_ff_dim, max_query_len)
         self.alignment = AlignmentHead(embed_dim, embed_dim, align_hidden)
 
     def encode_queries(self, queries: Sequence[str], device: torch.device) -> torch.Tensor:
@@ -423,33 +424,11 @@ def detector_step(model: SemanticDetector, batch: dict) -> dict[str, torch.Tenso
             "align": losses["align"].detach()}
 
 
-def build_detector(cfg, vocab: Vocabulary | None = None) -> SemanticDetector:
+def build_detector(cfg, vocab: QueryVocabulary | None = None) -> SemanticDetector:
     """The detector of a profile: ``build_detector(get_config())``."""
     d = cfg.detector
-    return SemanticDetector(build_rpn(cfg), vocab or Vocabulary(), d.embed_dim, d.roi_size,
+    return SemanticDetector(build_rpn(cfg), vocab or QueryVocabulary(), d.embed_dim, d.roi_size,
                             d.proposal_channels, d.proposal_hidden, d.text_heads, d.text_layers,
                             d.text_ff_dim, d.max_query_len, d.align_hidden, d.align_gt_boxes,
                             d.align_weight)
 
-
-def train_detector(cfg, splits: dict, *, ckpt_dir=None, device: torch.device | str | None = None,
-                   progress: bool = True, max_steps: int | None = None, seed: int = 0,
-                   resume: bool = True):
-    """Build the profile's detector and train it end to end on ``splits["train"]`` (§3.6, §4.3).
-
-    Validation runs on ``splits["val"]`` after each epoch (the Fig. 7 curves); checkpoints go to
-    ``ckpt_dir`` and an interrupted run resumes from them.  Returns ``(model, history)``.
-    """
-    from .env import get_device, seed_everything
-    from .shapes import collate_scenes
-    from .train import fit
-
-    seed_everything(seed)
-    model = build_detector(cfg).to(device or get_device())
-    opt, sched = make_optimizer(model, cfg.detector)
-    hist = fit(model, detector_step, splits["train"], epochs=cfg.detector.epochs,
-               batch_size=cfg.detector.batch_size, optimizer=opt, scheduler=sched,
-               val_set=splits.get("val"), collate_fn=collate_scenes, ckpt_dir=ckpt_dir,
-               resume=resume, seed=seed, max_steps=max_steps, grad_clip=cfg.detector.grad_clip,
-               progress=progress, desc="detector")
-    return model, hist

@@ -8,8 +8,10 @@ Three ways to turn it into one image-caption score (:func:`matchmap_score`):
 * ``MISA`` (max image, sum text): each word finds its best cell, averaged over words;
 * ``SIMA`` (sum image, max text): each cell finds its best word, averaged over cells.
 
-Training uses a margin ranking loss with *sampled* impostor images and impostor captions per pair
-(:func:`impostor_ranking_loss`), so a step costs (1 + 2k)B matchmaps instead of B^2.
+Training (the recipe :func:`course_utils.recipes.retrieval.train_matchmap`) uses a margin ranking
+loss with *sampled* impostor images and impostor captions per pair (:func:`impostor_ranking_loss`),
+so a step costs (1 + 2k)B matchmaps instead of B^2, or the contrastive loss over the whole batch
+(:func:`contrastive_matchmap_loss`, B^2 matchmaps).
 
 Cells and words are L2-normalised, so every matchmap entry is a cosine in [-1, 1] and the margin
 (0.2, as SCAN's) has a fixed meaning.  With raw dot products (Harwath et al.'s choice, margin 1)
@@ -21,13 +23,12 @@ the hottest cell of a noun phrase lies inside the box of the object it names.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .captions import CaptionedSplit, Vocabulary, tokenize
-from .scan import Backbone, TextEncoder, length_mask
+from .captions import CaptionedSplit, CaptionVocabulary, tokenize
+from .scan import Backbone, CaptionEncoder, length_mask
 
 AGGREGATORS = ("sisa", "misa", "sima")
 
@@ -70,7 +71,7 @@ class MatchmapModel(nn.Module):
         c = backbone.out_channels
         # A 3x3 conv lets a cell see its neighbours (a shape is several cells wide).
         self.proj = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(c, embed_dim, 1))
-        self.txt = TextEncoder(vocab_size, word_dim, embed_dim, bidirectional=True)
+        self.txt = CaptionEncoder(vocab_size, word_dim, embed_dim, bidirectional=True)
         self.stride = backbone.stride
 
     def train(self, mode: bool = True) -> MatchmapModel:
@@ -142,50 +143,6 @@ def contrastive_matchmap_loss(cells: torch.Tensor, words: torch.Tensor, lengths:
     return 0.5 * (F.cross_entropy(S, target) + F.cross_entropy(S.T, target))
 
 
-def train_matchmap(model: MatchmapModel, split: CaptionedSplit, vocab: Vocabulary, *, epochs: int,
-                   batch_size: int = 32, lr: float = 1e-3, agg: str = "misa", seed: int = 0,
-                   margin: float = 0.2, impostors: int = 1, loss: str = "ranking", temperature: float = 0.1,
-                   progress: bool = False) -> list[float]:
-    """Train on (image, random caption of it) pairs; returns the mean loss of each epoch.
-
-    ``loss="ranking"``: :func:`impostor_ranking_loss` (``margin``, ``impostors``);
-    ``loss="contrastive"``: :func:`contrastive_matchmap_loss` (``temperature``).
-    """
-    if loss not in ("ranking", "contrastive"):
-        raise ValueError(f"loss={loss!r}: expected 'ranking' or 'contrastive'")
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    tokens, lengths = vocab.batch(split.texts)
-    losses = []
-    model.train()
-    for e in range(epochs):
-        perm = torch.randperm(len(split), generator=g).tolist()
-        tot = 0.0
-        for s in range(0, len(perm) - 1, batch_size):
-            idx = perm[s:s + batch_size]
-            if len(idx) < 2:
-                continue
-            caps = [5 * i + int(torch.randint(5, (1,), generator=g)) for i in idx]
-            images = torch.from_numpy(np.stack([split.image(i) for i in idx])).permute(0, 3, 1, 2).float() / 255
-            L = int(lengths[caps].max())
-            cells, words = model.cells(images), model.words(tokens[caps, :L], lengths[caps])
-            if loss == "ranking":
-                value = impostor_ranking_loss(cells, words, lengths[caps], agg, margin=margin, generator=g,
-                                              impostors=impostors)
-            else:
-                value = contrastive_matchmap_loss(cells, words, lengths[caps], agg, temperature)
-            opt.zero_grad()
-            value.backward()
-            opt.step()
-            tot += value.item() * len(idx)
-        losses.append(tot / len(perm))
-        if progress:
-            print(f"matchmap epoch {e + 1}/{epochs}: loss {losses[-1]:.4f}")
-    return losses
-
-
 def phrase_spans(text: str, phrases: list[str]) -> list[tuple[int, int]]:
     """Token ``[start, end)`` of each noun phrase in the caption, in order of appearance."""
     toks = tokenize(text)
@@ -203,7 +160,7 @@ def phrase_spans(text: str, phrases: list[str]) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def phrase_heatmaps(model: MatchmapModel, split: CaptionedSplit, vocab: Vocabulary, c: int) -> list[torch.Tensor]:
+def phrase_heatmaps(model: MatchmapModel, split: CaptionedSplit, vocab: CaptionVocabulary, c: int) -> list[torch.Tensor]:
     """Heat maps ``(h, w)`` of each noun phrase of caption ``c`` over its own image."""
     model.eval()
     cap = split.captions[c]
@@ -215,7 +172,7 @@ def phrase_heatmaps(model: MatchmapModel, split: CaptionedSplit, vocab: Vocabula
 
 
 @torch.no_grad()
-def pointing_game(model: MatchmapModel, split: CaptionedSplit, vocab: Vocabulary,
+def pointing_game(model: MatchmapModel, split: CaptionedSplit, vocab: CaptionVocabulary,
                   max_captions: int | None = None) -> dict[str, float]:
     """Is the hottest cell of each noun phrase inside the box of the object it names?
 

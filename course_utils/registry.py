@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,12 +38,13 @@ from typing import Any, Literal, TypeVar
 
 import pooch
 
+from .cache import cache_root
+
 __all__ = [
     "ChecksumError",
     "Entry",
     "OfflineError",
     "RegistryError",
-    "cache_dir",
     "fetch",
     "fetch_or_fallback",
     "get_entry",
@@ -137,7 +139,7 @@ class Entry:
 
     def cached_path(self) -> Path:
         """Where :func:`fetch` puts (or finds) the file."""
-        return cache_dir() / self.kind / self.filename
+        return cache_root() / self.kind / self.filename
 
 
 _REGISTRY: dict[str, Entry] = {}
@@ -173,17 +175,23 @@ def list_entries() -> list[Entry]:
 # --------------------------------------------------------------------------------------------
 
 
-def cache_dir() -> Path:
-    """``$COURSE_CACHE`` if set, else ``~/.cache/anchors-to-clip``; created if missing."""
-    root = os.environ.get("COURSE_CACHE") or "~/.cache/anchors-to-clip"
-    path = Path(root).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def offline_mode(probe_host: str | None = None, timeout: float = 3.0) -> bool:
+    """The course's one decision whether to stay off the network.
 
-
-def offline_mode() -> bool:
-    """True when ``$COURSE_OFFLINE`` is set to something other than ``0``/``false``/empty."""
-    return os.environ.get("COURSE_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+    True when ``$COURSE_OFFLINE`` is set to something other than ``0``/``false``/``no``/empty;
+    then no socket is opened at all.  Otherwise, given ``probe_host``, True when that host does
+    not answer on port 443 within ``timeout`` seconds: a library that downloads by itself
+    (open_clip through the Hugging Face hub) would otherwise retry for a minute before failing.
+    """
+    if os.environ.get("COURSE_OFFLINE", "").strip().lower() not in ("", "0", "false", "no"):
+        return True
+    if probe_host is None:
+        return False
+    try:
+        with socket.create_connection((probe_host, 443), timeout=timeout):
+            return False
+    except OSError:
+        return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,17 +19,15 @@ made (smooth-L1 ``beta = 1/9``, NMS at IoU 0.7, 0.01-std initialisation of the h
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 from torchvision.ops import clip_boxes_to_image, nms, remove_small_boxes
 
 from .boxes import (
@@ -51,10 +49,8 @@ __all__ = [
     "assign_rpn_targets",
     "build_backbone",
     "build_rpn",
-    "checkpoint_dir",
     "decode_proposals",
     "flatten_head_outputs",
-    "make_optimizer",
     "check_targets",
     "rpn_loss",
     "rpn_step",
@@ -139,8 +135,6 @@ def _mobilenet_v2_features(pretrained: bool) -> nn.Module:
     ``pretrained=False``) the backbone starts from random weights and one line says so: the
     numbers of a from-scratch run are then lower than the paper's, which used ImageNet weights.
     """
-    from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
-
     if pretrained:
         try:
             model = mobilenet_v2(weights=MobileNet_V2_Weights.IMAGENET1K_V1)
@@ -435,36 +429,6 @@ def check_targets(boxes: torch.Tensor, where: str = "boxes") -> torch.Tensor:
         warnings.warn(f"{where}: dropping {len(bad)} zero-area box(es) at index {bad} "
                       f"(e.g. {boxes[bad[0]].tolist()}); they cannot be regressed to", stacklevel=2)
     return keep
-
-
-def make_optimizer(model: nn.Module, section) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
-    """The optimiser and StepLR schedule of a profile section (``cfg.rpn`` or ``cfg.detector``).
-
-    ``section.optimizer == "sgd"`` is §4.3 (SGD with momentum and weight decay; the ``full``
-    profile).  ``"adamw"`` (momentum unused) is there for from-scratch training in minutes on a CPU,
-    where SGD needs many more epochs to get the small alignment head going.
-    """
-    name = section.get("optimizer", "sgd")
-    if name == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=section.lr, momentum=section.momentum,
-                              weight_decay=section.weight_decay)
-    elif name == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=section.lr, weight_decay=section.weight_decay)
-    else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
-    return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=section.lr_step, gamma=section.lr_gamma)
-
-
-def checkpoint_dir(cfg, stage: str, seed: int = 0) -> Path:
-    """``$COURSE_CACHE/runs/<stage>_<profile>_<hash>``: where a notebook's training run keeps its
-    checkpoints.  The hash covers every section that shapes the run, so a changed profile never
-    resumes from an incompatible checkpoint, while rerunning a notebook (or the benchmark after
-    the notebook) finds the finished run and does not train again."""
-    from .shapes import cache_root
-
-    sections = {k: dict(cfg[k]) for k in ("shapes", "anchors", "rpn", "detector") if k in cfg}
-    key = hashlib.sha256(json.dumps([sections, seed], sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return Path(cache_root()) / "runs" / f"{stage}_{cfg.name}_{key}"
 
 
 def rpn_step(model: RPN, batch: dict) -> dict[str, torch.Tensor]:

@@ -1,20 +1,21 @@
 """SCAN: stacked cross attention for image-text matching (seed 003 Ch. 3-4; Lee et al. 2018).
 
-The pieces, in the order notebook 04 builds them:
+The model pieces, in the order notebook 04 builds them (the pipelines around them -- training the
+backbone, pooling and caching region features, the Table 4.1 grid -- are recipes, in
+:mod:`course_utils.recipes.retrieval`):
 
-* **Image side** (``Backbone``, :func:`region_boxes`, :func:`extract_features`): as SCAN does with
-  bottom-up attention, a CNN is trained *once* (here: a small conv net, on attribute
+* **Image side** (:class:`Backbone`, :func:`pool_regions`, :class:`AttributeHead`): as SCAN does
+  with bottom-up attention, a CNN is trained *once* (here: a small conv net, on attribute
   classification of object boxes), and ``torchvision.ops.roi_align`` pools one feature vector per
-  region.  Fine-grained = ``k`` regions per image (the objects' boxes plus jittered and random
-  extra boxes), coarse = ``k = 1`` (the whole image).  :class:`ImageEncoder` projects them to the
-  joint space.
-* **Text side** (:class:`TextEncoder`): word embeddings -> GRU, bidirectional with the two
+  region.  Fine-grained = ``k`` regions per image, coarse = ``k = 1`` (the whole image).
+  :class:`ImageEncoder` projects them to the joint space.
+* **Text side** (:class:`CaptionEncoder`): word embeddings -> GRU, bidirectional with the two
   directions averaged (or one-directional for the ablation of Table 4.1), l2-normalised.
 * **Stacked cross attention** (:func:`scan_scores`): text-image (t-i: each word attends to the
   regions) or image-text (i-t: each region attends to the words), with clipped l2-normalisation,
   inverse temperature ``lambda_softmax`` and LogSumExp (``lambda_lse``) or AVG pooling.
-* **Loss** (:func:`hardest_negative_triplet_loss`): hinge triplet loss with the hardest negative
-  in the batch (margin 0.2).
+* **Loss** (:func:`hardest_negative_triplet_loss`, :func:`scan_step_fn`): hinge triplet loss with
+  the hardest negative in the batch (margin 0.2), after a warm-up on the sum of violations.
 * **Evaluation** (:func:`scan_similarity`, :func:`recall_at_k`): every image against every caption
   in shards, R@1/5/10 both ways and rsum.  :func:`scan_similarity_loop` is the same score written
   as a plain loop over (caption, image) pairs straight from the equations; the tests check that
@@ -23,22 +24,18 @@ The pieces, in the order notebook 04 builds them:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 from torchvision.ops import roi_align
 
-from .captions import COLORS, SIZES, CaptionedSplit, Vocabulary
-from .shapes import SHAPES, cache_root
+from .captions import COLORS, SIZES
+from .shapes import SHAPES
 
 EPS = 1e-8
 
@@ -94,132 +91,6 @@ class AttributeHead(nn.Module):
         return {"color": out[:, :a], "shape": out[:, a:b], "size": out[:, b:]}
 
 
-def train_backbone(split: CaptionedSplit, channels: int, pool: int, epochs: int, seed: int = 0,
-                   batch_size: int = 64, lr: float = 2e-3, progress: bool = False) -> tuple[Backbone, dict]:
-    """Train :class:`Backbone` + :class:`AttributeHead` to classify the objects' attributes.
-
-    Returns the backbone (eval mode) and ``{"loss": last epoch mean, "acc_color"...: train accuracy}``.
-    """
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    images = split.images()
-    boxes = [split.boxes(i) for i in range(len(split))]
-    labels = [split.labels(i) for i in range(len(split))]
-    net = Backbone(channels)
-    head = AttributeHead(net.out_channels * pool * pool)
-    opt = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=lr)
-    stats: dict = {}
-    for _ in range(epochs):
-        perm = torch.randperm(len(split), generator=g)
-        tot, correct, n = 0.0, {k: 0 for k in ("color", "shape", "size")}, 0
-        for s in range(0, len(perm), batch_size):
-            idx = perm[s:s + batch_size].tolist()
-            keep = [i for i in idx if len(boxes[i])]
-            feats = pool_regions(net(images[keep]), [boxes[i] for i in keep], pool, net.stride)
-            logits = head(feats)
-            loss = 0.0
-            for k in correct:
-                y = torch.cat([labels[i][k] for i in keep])
-                loss = loss + F.cross_entropy(logits[k], y)
-                correct[k] += int((logits[k].argmax(1) == y).sum())
-            n += feats.shape[0]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            tot += loss.item() * len(keep)
-        stats = {"loss": tot / len(perm), **{f"acc_{k}": v / max(n, 1) for k, v in correct.items()}}
-        if progress:
-            print("backbone epoch:", {k: round(v, 3) for k, v in stats.items()})
-    return net.eval(), stats
-
-
-def region_boxes(split: CaptionedSplit, i: int, k: int, rng: np.random.Generator) -> torch.Tensor:
-    """``k`` boxes for image ``i``: its objects first, then jittered objects and random boxes.
-
-    The extra boxes stand in for the overlapping proposals of a bottom-up detector: jittered copies
-    cover parts of objects, random boxes cover background and clusters.  ``-> (k, 4)`` float32.
-    """
-    size = split.scenes[i].size
-    obj = split.boxes(i)[:k]
-    extra = []
-    for j in range(k - len(obj)):
-        if len(obj) and j % 2 == 0:
-            x1, y1, x2, y2 = obj[int(rng.integers(len(obj)))].tolist()
-            w, h = x2 - x1, y2 - y1
-            dx, dy, sw, sh = rng.uniform(-0.3, 0.3, size=4)
-            cx, cy = (x1 + x2) / 2 + dx * w, (y1 + y2) / 2 + dy * h
-            w, h = w * (1 + sw), h * (1 + sh)
-            b = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
-        else:
-            s = rng.uniform(0.08, 0.5, size=2) * size
-            x, y = rng.uniform(0, 1, size=2) * (size - s)
-            b = [x, y, x + s[0], y + s[1]]
-        extra.append(np.clip(b, 0, size))
-    out = torch.cat([obj, torch.tensor(np.array(extra), dtype=torch.float32).reshape(-1, 4)])
-    return out
-
-
-@torch.no_grad()
-def extract_features(backbone: Backbone, split: CaptionedSplit, k: int, pool: int, seed: int = 0,
-                     batch_size: int = 128) -> dict[str, torch.Tensor]:
-    """Pool region features for every image of ``split``.
-
-    Returns ``{"fine": (N, k, D), "coarse": (N, 1, D), "boxes": (N, k, 4), "fmap": None}`` with
-    ``D = C * pool * pool``; the coarse feature is the whole image pooled the same way.
-    """
-    rng = np.random.default_rng([seed, 11])
-    boxes = torch.stack([region_boxes(split, i, k, rng) for i in range(len(split))])
-    size = split.scenes[0].size if len(split) else 1
-    whole = torch.tensor([[0.0, 0.0, size, size]])
-    fine, coarse = [], []
-    for s in range(0, len(split), batch_size):
-        imgs = torch.from_numpy(np.stack([split.image(i) for i in range(s, min(s + batch_size, len(split)))]))
-        fmap = backbone(imgs.permute(0, 3, 1, 2).float() / 255.0)
-        b = boxes[s:s + len(imgs)]
-        fine.append(pool_regions(fmap, list(b), pool, backbone.stride).view(len(imgs), k, -1))
-        coarse.append(pool_regions(fmap, [whole] * len(imgs), pool, backbone.stride).view(len(imgs), 1, -1))
-    return {"fine": torch.cat(fine), "coarse": torch.cat(coarse), "boxes": boxes}
-
-
-def _features_key(cfg: dict, seed: int) -> str:
-    keys = ("image_size", "n_train", "n_val", "n_test", "min_objects", "max_objects", "small_size",
-            "large_size", "k_fine", "backbone_channels", "backbone_epochs", "feat_pool")
-    # The vocabulary is part of the key: changing the generator must not reuse stale features.
-    blob = json.dumps([[cfg[k] if not isinstance(cfg[k], tuple) else list(cfg[k]) for k in keys], seed, 1,
-                       list(COLORS)])
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def build_features(splits: dict[str, CaptionedSplit], cfg: dict, seed: int = 0, cache: bool = True,
-                   progress: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], Backbone, dict]:
-    """Train the backbone once and pool features for every split, cached under ``$COURSE_CACHE``.
-
-    Returns ``(features[split] = {"fine", "coarse", "boxes"}, backbone, backbone_stats)``.
-    """
-    root = cache_root() / "retrieval" / _features_key(cfg, seed)
-    path = root / "features.pt"
-    backbone = Backbone(int(cfg["backbone_channels"]))
-    if cache and path.exists():
-        try:
-            blob = torch.load(path, weights_only=True)
-            backbone.load_state_dict(blob["backbone"])
-            if progress:
-                print(f"region features loaded from cache {path}")
-            return blob["features"], backbone.eval(), blob["stats"]
-        except Exception as e:  # a truncated file from an interrupted run: rebuild it
-            print(f"cache {path} unreadable ({type(e).__name__}); rebuilding")
-    backbone, stats = train_backbone(splits["train"], int(cfg["backbone_channels"]), int(cfg["feat_pool"]),
-                                     int(cfg["backbone_epochs"]), seed=seed, progress=progress)
-    feats = {name: extract_features(backbone, sp, int(cfg["k_fine"]), int(cfg["feat_pool"]), seed=seed + j)
-             for j, (name, sp) in enumerate(splits.items())}
-    if cache:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".features.pt.tmp-{os.getpid()}"  # per process: notebooks may build this at once
-        torch.save({"features": feats, "backbone": backbone.state_dict(), "stats": stats}, tmp)
-        tmp.replace(path)
-    return feats, backbone, stats
-
-
 # ----------------------------------------------------------------------------------------------
 # Encoders
 
@@ -249,7 +120,7 @@ class ImageEncoder(nn.Module):
         return l2norm(self.fc(feats))
 
 
-class TextEncoder(nn.Module):
+class CaptionEncoder(nn.Module):
     """Token ids ``(B, L)`` + lengths ``(B,)`` -> l2-normalised word features ``(B, L, embed_dim)``.
 
     Bidirectional: the forward and backward GRU states of each word are *averaged* (SCAN), so the
@@ -525,7 +396,7 @@ def recall_at_k(sims: torch.Tensor, cap_to_img: torch.Tensor, ks: Sequence[int] 
 
 
 # ----------------------------------------------------------------------------------------------
-# The model, training and evaluation
+# The model, its training step and evaluation
 
 
 class SCAN(nn.Module):
@@ -535,7 +406,7 @@ class SCAN(nn.Module):
                  bidirectional: bool = True):
         super().__init__()
         self.img_enc = ImageEncoder(feat_dim, embed_dim)
-        self.txt_enc = TextEncoder(vocab_size, word_dim, embed_dim, bidirectional)
+        self.txt_enc = CaptionEncoder(vocab_size, word_dim, embed_dim, bidirectional)
         self.cfg = cfg
 
     def forward(self, feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -544,23 +415,13 @@ class SCAN(nn.Module):
         return scan_scores(self.img_enc(feats), self.txt_enc(tokens[:, :L], lengths), lengths, self.cfg)
 
 
-class PairSet(torch.utils.data.Dataset):
-    """``(features of the caption's image, tokens, length, image index)`` for each caption."""
-
-    def __init__(self, feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, cap_to_img: torch.Tensor):
-        self.feats, self.tokens, self.lengths, self.cap_to_img = feats, tokens, lengths, cap_to_img
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def __getitem__(self, c: int):
-        i = self.cap_to_img[c]
-        return self.feats[i], self.tokens[c], self.lengths[c], i
-
-
-def make_step_fn(margin: float, warmup_steps: int = 0, optimizer: torch.optim.Optimizer | None = None):
+def scan_step_fn(margin: float, warmup_steps: int = 0, optimizer: torch.optim.Optimizer | None = None
+                 ) -> Callable[[SCAN, tuple], dict[str, torch.Tensor]]:
     """``step_fn`` for :func:`course_utils.train.fit`: sum-of-violations for ``warmup_steps`` steps,
     then hardest negatives (VSE++'s advice: hardest negatives from a random start can collapse).
+
+    The batch is ``(feats (B, k, F), tokens (B, L), lengths (B,), img_ids (B,))``; the step returns
+    ``{"loss": scalar}``.
 
     The step count is read from ``optimizer``'s state (Adam's ``step``), which a checkpoint
     restores, so a resumed run switches to hardest negatives exactly where an unbroken one would.
@@ -606,110 +467,3 @@ def evaluate_retrieval(model: SCAN, feats: torch.Tensor, tokens: torch.Tensor, l
     img, cap = encode(model, feats, tokens, lengths)
     sims = scan_similarity(img, cap, lengths, model.cfg, shard)
     return recall_at_k(sims, cap_to_img), sims
-
-
-def tokenize_split(vocab: Vocabulary, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``-> tokens (C, L), lengths (C,)`` (a thin name for :meth:`Vocabulary.batch`)."""
-    return vocab.batch(texts)
-
-
-def train_scan(model: SCAN, feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-               cap_to_img: torch.Tensor, *, epochs: int, batch_size: int, lr: float, margin: float = 0.2,
-               warmup_epochs: int = 1, seed: int = 0, ckpt_dir: str | None = None, progress: bool = True,
-               desc: str = "scan"):
-    """Train one SCAN variant on precomputed features with the course's :func:`~course_utils.train.fit`.
-
-    Args:
-        feats: ``(N, k, F)`` region features of the training images.
-        tokens, lengths: ``(C, L)``, ``(C,)`` training captions; ``cap_to_img``: ``(C,)``.
-
-    Returns the :class:`~course_utils.train.History`.
-    """
-    from .train import fit
-
-    data = PairSet(feats, tokens, lengths, cap_to_img)
-    steps_per_epoch = math.ceil(len(data) / batch_size)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    # Decay the learning rate over the last third: the hardest-negative loss is noisy at the end.
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(1, (2 * epochs) // 3)], gamma=0.1)
-    return fit(model, make_step_fn(margin, warmup_epochs * steps_per_epoch, opt), data, epochs=epochs,
-               batch_size=batch_size, optimizer=opt, scheduler=sched, ckpt_dir=ckpt_dir, seed=seed,
-               grad_clip=2.0, progress=progress, desc=desc)
-
-
-# ----------------------------------------------------------------------------------------------
-# The grid of Table 4.1
-
-
-#: The rows of seed 003's Table 4.1: (row label, direction, pooling, bidirectional GRU).
-TABLE_4_1 = [("t-i LSE", "t2i", "lse", True), ("t-i AVG", "t2i", "avg", True),
-             ("i-t LSE", "i2t", "lse", True), ("i-t AVG", "i2t", "avg", True),
-             ("One-directional GRU + i-t AVG", "i2t", "avg", False)]
-#: Seed 003 Table 4.1, Chinese artwork dataset (fine-grained): row -> (i2t R@1/5/10, t2i R@1/5/10).
-PAPER_TABLE_4_1 = {"t-i LSE": (8.7, 14.1, 20.3, 5.7, 9.2, 15.6), "t-i AVG": (7.9, 14.4, 20.6, 6.2, 9.6, 16.2),
-                   "i-t LSE": (12.8, 20.7, 28.7, 9.3, 15.7, 22.4), "i-t AVG": (12.6, 20.3, 28.9, 9.1, 15.9, 23.2),
-                   "One-directional GRU + i-t AVG": (15.5, 18.5, 24.8, 7.5, 14.7, 19.8)}
-
-
-@dataclass
-class RetrievalData:
-    """Everything a variant needs: features per level and tokenised texts per level and split."""
-
-    feats: dict[str, dict[str, torch.Tensor]]       # split -> {"fine", "coarse", "boxes"}
-    texts: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]  # split -> level -> (tokens, lengths)
-    cap_to_img: dict[str, torch.Tensor]
-    vocab: Vocabulary
-
-    @classmethod
-    def build(cls, splits: dict[str, CaptionedSplit], feats: dict[str, dict[str, torch.Tensor]],
-              vocab: Vocabulary | None = None) -> RetrievalData:
-        """Coarse text = the whole caption; fine-grained text = its noun phrases (seed 003 §4.1)."""
-        vocab = vocab or Vocabulary()
-        texts = {name: {"coarse": vocab.batch(sp.texts), "fine": vocab.batch(sp.phrase_texts)}
-                 for name, sp in splits.items()}
-        return cls(feats, texts, {n: sp.cap_to_img for n, sp in splits.items()}, vocab)
-
-
-def variant_config(direction: str, agg: str, cfg: dict) -> ScanConfig:
-    """The :class:`ScanConfig` of a variant with the profile's lambdas."""
-    lam = cfg["lambda_softmax_i2t"] if direction == "i2t" else cfg["lambda_softmax_t2i"]
-    return ScanConfig(direction, agg, float(lam), float(cfg["lambda_lse"]))
-
-
-def run_variant(data: RetrievalData, level: str, row: str, cfg: dict, *, seed: int = 0,
-                ckpt_root=None, split: str = "test", progress: bool = True) -> dict:
-    """Train (or resume from ``ckpt_root``) one row of Table 4.1 at ``level`` and evaluate it.
-
-    Returns ``{"row", "level", **R@K, "train_s", "eval_s", "model", "sims"}``.
-    """
-    import time
-
-    _, direction, agg, bi = next(r for r in TABLE_4_1 if r[0] == row)
-    feats = data.feats["train"][level]
-    torch.manual_seed(seed)
-    model = SCAN(feats.shape[-1], len(data.vocab), int(cfg["word_dim"]), int(cfg["embed_dim"]),
-                 variant_config(direction, agg, cfg), bidirectional=bi)
-    tok, ln = data.texts["train"][level]
-    ckpt = None
-    if ckpt_root is not None:
-        ckpt = str(ckpt_root / f"{level}_{direction}_{agg}_{'bi' if bi else 'uni'}")
-    t = time.perf_counter()
-    hist = train_scan(model, feats, tok, ln, data.cap_to_img["train"], epochs=int(cfg["epochs"]),
-                      batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]), margin=float(cfg["margin"]),
-                      warmup_epochs=int(cfg["warmup_epochs"]), seed=seed, ckpt_dir=ckpt, progress=progress,
-                      desc=f"{level} {row}")
-    train_s = time.perf_counter() - t
-    t = time.perf_counter()
-    tok_e, ln_e = data.texts[split][level]
-    metrics, sims = evaluate_retrieval(model, data.feats[split][level], tok_e, ln_e, data.cap_to_img[split],
-                                       tuple(cfg["eval_shard"]))
-    return {"row": row, "level": level, **metrics, "train_s": train_s, "eval_s": time.perf_counter() - t,
-            "model": model, "sims": sims, "history": hist}
-
-
-def checkpoint_root(cfg: dict, seed: int = 0):
-    """Where the grid's checkpoints live (per data/feature key and training knobs)."""
-    keys = ("word_dim", "embed_dim", "batch_size", "epochs", "lr", "margin", "lambda_softmax_t2i",
-            "lambda_softmax_i2t", "lambda_lse", "warmup_epochs")
-    train_key = hashlib.sha256(json.dumps([cfg[k] for k in keys]).encode()).hexdigest()[:8]
-    return cache_root() / "retrieval" / _features_key(cfg, seed) / f"scan_{train_key}"

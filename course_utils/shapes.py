@@ -6,13 +6,12 @@ of its objects ("the red circles", "green triangles and blue squares", ...) and 
 alignment label saying which objects the query describes.
 
 Everything is deterministic from a seed.  Annotations are generated once per (profile sizes, seed)
-and cached as JSON under ``$COURSE_CACHE/shapes``; images are rendered from the annotations
-(a millisecond each) and cached as PNG next to them.
+and cached as JSON in their run folder (:func:`course_utils.cache.run_dir`, stage ``"shapes"``);
+images are rendered from the annotations (a millisecond each) and cached as PNG next to them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
+
+from .cache import run_dir
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "green", "blue")
@@ -168,11 +169,6 @@ def scene_from_dict(d: dict) -> Scene:
     return Scene(d["image_id"], d["size"], objs, d["query"], terms, list(d["aligned"]))
 
 
-def cache_root() -> Path:
-    """``$COURSE_CACHE`` or ``~/.cache/anchors-to-clip``."""
-    return Path(os.environ.get("COURSE_CACHE", Path.home() / ".cache" / "anchors-to-clip"))
-
-
 def generate_scenes(n: int, seed: int, size: int, min_shapes: int, max_shapes: int,
                     min_size: int, max_size: int, first_id: int = 0) -> list[Scene]:
     """``n`` scenes, scene ``k`` drawn from its own generator so splits never share objects."""
@@ -266,13 +262,12 @@ def build_shapes(cfg_shapes: dict, seed: int = 0, cache: bool = True) -> dict[st
         cfg_shapes: ``get_config().shapes`` (image_size, n_train, n_val, n_test, min/max shapes, sizes;
             ``extra_train_queries`` more queries per training image, 0 when absent).
         seed: the data seed; the same seed and sizes give the same scenes, byte for byte.
-        cache: write annotations JSON and PNGs under ``$COURSE_CACHE/shapes/<key>/``.
+        cache: write annotations JSON and PNGs under ``run_dir("shapes", [sizes, seed])``.
     """
     keys = ("image_size", "n_train", "n_val", "n_test", "min_shapes", "max_shapes", "min_size", "max_size")
     params = {k: int(cfg_shapes[k]) for k in keys}
     splits = {"train": params["n_train"], "val": params["n_val"], "test": params["n_test"]}
-    key = hashlib.sha256(json.dumps([params, seed], sort_keys=True).encode()).hexdigest()[:12]
-    root = cache_root() / "shapes" / key if cache else None
+    root = run_dir("shapes", [params, seed]) if cache else None
     out: dict[str, ShapesDataset] = {}
     first = 0
     for split, n in splits.items():

@@ -10,7 +10,7 @@ import torch
 
 from course_utils.captions import (
     CAPTIONS_PER_IMAGE,
-    Vocabulary,
+    CaptionVocabulary,
     build_captioned,
     load_karpathy,
     relation,
@@ -82,7 +82,7 @@ def test_render_draws_each_object_inside_its_box():
 
 
 def test_vocabulary_encodes_pads_and_rejects_bad_captions():
-    v = Vocabulary()
+    v = CaptionVocabulary()
     tok, ln = v.batch(["a large red circle", "there is a small blue square , a large green triangle"])
     assert tok.shape == (2, int(ln.max())) and ln.tolist() == [4, 11]
     assert (tok[0, 4:] == 0).all()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
+import pytest
 import torch
 
-from course_utils import boxes as B
-from course_utils import checks
-from course_utils.checks import nb01
+from course_utils import boxes, checks, detector, matchmap, query_agnostic, rpn, scan
+from course_utils.checks import nb01, nb02, nb03, nb04, nb05
 
 
 def own(fn):
@@ -19,8 +21,8 @@ def own(fn):
 
 
 def test_correct_answers_pass_every_check(capsys):
-    iou, grid, label, sample = own(B.box_iou), own(B.anchor_grid), own(B.label_anchors), own(B.sample_anchors)
-    enc, dec = own(B.encode_boxes), own(B.decode_boxes)
+    iou, grid, label, sample = own(boxes.box_iou), own(boxes.anchor_grid), own(boxes.label_anchors), own(boxes.sample_anchors)
+    enc, dec = own(boxes.encode_boxes), own(boxes.decode_boxes)
     assert nb01.check_box_iou(iou) is iou
     assert nb01.check_anchor_grid(grid) is grid
     assert nb01.check_label_anchors(label) is label
@@ -32,9 +34,9 @@ def test_correct_answers_pass_every_check(capsys):
 
 
 def test_handing_in_the_reference_earns_nothing(capsys):
-    assert nb01.check_box_iou(B.box_iou) is B.box_iou
+    assert nb01.check_box_iou(boxes.box_iou) is boxes.box_iou
     assert not checks.RESULTS["1.1 box_iou"].passed
-    assert nb01.check_box_coding(own(B.encode_boxes), B.decode_boxes) == (B.encode_boxes, B.decode_boxes)
+    assert nb01.check_box_coding(own(boxes.encode_boxes), boxes.decode_boxes) == (boxes.encode_boxes, boxes.decode_boxes)
     assert not checks.RESULTS[nb01.EXERCISES[4]].passed
     assert "reference implementation, not your own code" in capsys.readouterr().out
 
@@ -43,7 +45,7 @@ def test_unfinished_exercise_falls_back_and_says_so(capsys):
     def box_iou(a, b):
         raise NotImplementedError
 
-    assert nb01.check_box_iou(box_iou) is B.box_iou
+    assert nb01.check_box_iou(box_iou) is boxes.box_iou
     out = capsys.readouterr().out
     assert "not implemented yet" in out and "course_utils.boxes.box_iou" in out
     r = checks.RESULTS["1.1 box_iou"]
@@ -52,9 +54,9 @@ def test_unfinished_exercise_falls_back_and_says_so(capsys):
 
 def test_wrong_answer_names_case_and_shape(capsys):
     def transposed(a, b):
-        return B.box_iou(a, b).T
+        return boxes.box_iou(a, b).T
 
-    assert nb01.check_box_iou(transposed) is B.box_iou
+    assert nb01.check_box_iou(transposed) is boxes.box_iou
     out = capsys.readouterr().out
     assert "case '7 x 5 random boxes': output: expected shape (7, 5), got (5, 7)" in out
 
@@ -72,7 +74,7 @@ def test_hidden_cases_catch_hard_coding_without_showing_values(capsys):
     g = torch.Generator().manual_seed(101)
     for a, b in [(torch.rand(7, 4, generator=g), torch.rand(5, 4, generator=g))]:
         printed[(tuple(a.shape), tuple(b.shape))] = None
-    assert nb01.check_box_iou(memoriser) is B.box_iou
+    assert nb01.check_box_iou(memoriser) is boxes.box_iou
     out = capsys.readouterr().out
     hidden_lines = [line for line in out.splitlines() if "a hidden case" in line]
     assert hidden_lines and all("expected" not in line.split(":", 2)[-1] or "shape" in line
@@ -84,14 +86,14 @@ def test_student_exception_is_reported_not_raised(capsys):
     def broken(a, b):
         return a @ b  # wrong shapes -> RuntimeError
 
-    assert nb01.check_box_iou(broken) is B.box_iou
+    assert nb01.check_box_iou(broken) is boxes.box_iou
     assert "raised RuntimeError" in capsys.readouterr().out
 
 
 def test_grade_report_file_gets_one_json_line_per_check(tmp_path, monkeypatch):
     report = tmp_path / "report.jsonl"
     monkeypatch.setenv("COURSE_GRADE_REPORT", str(report))
-    nb01.check_anchor_grid(own(B.anchor_grid))
+    nb01.check_anchor_grid(own(boxes.anchor_grid))
     nb01.check_anchor_grid(lambda *a: (_ for _ in ()).throw(NotImplementedError()))
     rows = [json.loads(line) for line in report.read_text().splitlines()]
     assert [(r["exercise"], r["passed"], r["implemented"]) for r in rows] == [
@@ -109,8 +111,42 @@ def test_compare_messages():
 
 def test_student_cannot_corrupt_later_cases_in_place():
     def in_place(a, b):
-        out = B.box_iou(a, b)
+        out = boxes.box_iou(a, b)
         a.zero_()
         return out
 
     assert nb01.check_box_iou(in_place) is in_place
+
+
+SOLUTIONS = Path(__file__).resolve().parents[1] / "solutions"
+#: Notebook -> (its checks, the modules holding the references of its exercises).
+REFERENCES = {
+    "01": (nb01, (boxes,)),
+    "02": (nb02, (rpn,)),
+    "03": (nb03, (detector,)),
+    "04": (nb04, (scan, matchmap)),
+    "05": (nb05, (query_agnostic,)),
+}
+
+
+@pytest.mark.parametrize("number", sorted(REFERENCES))
+def test_exercise_ids_name_their_references_and_the_notebook_titles(number):
+    """``"3.2 QueryEncoder"``: the student builds ``QueryEncoder``, the reference is
+    ``detector.QueryEncoder`` and the notebook's title says so; ``"a / b"`` names two."""
+    module, refs = REFERENCES[number]
+    (path,) = SOLUTIONS.glob(f"{number}_*.ipynb")
+    titles = {}
+    for cell in json.loads(path.read_text())["cells"]:
+        text = "".join(cell["source"])
+        for line in text.splitlines():
+            m = re.match(r"### Exercise (\d+\.\d+) — (.*)", line)
+            if cell["cell_type"] == "markdown" and m:
+                titles[m.group(1)] = m.group(2)
+    assert module.EXERCISES and len(set(module.EXERCISES)) == len(module.EXERCISES)
+    for exercise in module.EXERCISES:
+        label, names = exercise.split(" ", 1)
+        title = titles.get(label.rstrip("ab"))
+        assert title is not None, f"{path.name}: no '### Exercise {label.rstrip('ab')}' title for {exercise!r}"
+        for name in names.split(" / "):
+            assert any(hasattr(ref, name) for ref in refs), f"{exercise!r}: no reference {name!r}"
+            assert f"`{name}`" in title, f"{path.name}: title {title!r} does not name {name!r}"

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from course_utils.cache import run_dir
 from course_utils.detection_metrics import (
     PAPER_TABLE1,
     DetectionReport,
@@ -21,9 +22,9 @@ from course_utils.detector import (
     AlignmentHead,
     Detections,
     ProposalEncoder,
+    QueryEncoder,
+    QueryVocabulary,
     SemanticDetector,
-    TextEncoder,
-    Vocabulary,
     alignment_loss,
     build_detector,
     clean_targets,
@@ -31,6 +32,12 @@ from course_utils.detector import (
     score_proposals,
 )
 from course_utils.profiles import get_config
+from course_utils.recipes.detection import (
+    detector_knobs,
+    rpn_knobs,
+    step_lr_optimizer,
+    train_detector,
+)
 from course_utils.rpn import RPN, SmallBackbone
 from course_utils.shapes import QUERY_WORDS, build_shapes, collate_scenes
 
@@ -57,7 +64,7 @@ def test_proposal_encoder_pools_each_box_and_normalises():
 
 
 def test_vocabulary_tokenises_pads_and_warns_on_unknown_words():
-    vocab = Vocabulary()
+    vocab = QueryVocabulary()
     assert len(vocab) == len(QUERY_WORDS) + 2
     ids, pad = vocab.encode(["the red circles", "Blue squares and green triangles!"])
     assert ids.shape == (2, 5) and pad.shape == (2, 5)
@@ -74,8 +81,8 @@ def test_vocabulary_tokenises_pads_and_warns_on_unknown_words():
 
 def test_text_encoder_reads_the_enc_token_and_ignores_padding():
     torch.manual_seed(0)
-    vocab = Vocabulary()
-    enc = TextEncoder(len(vocab), embed_dim=16, num_heads=2, num_layers=1, ff_dim=32).eval()
+    vocab = QueryVocabulary()
+    enc = QueryEncoder(len(vocab), embed_dim=16, num_heads=2, num_layers=1, ff_dim=32).eval()
     ids, pad = vocab.encode(["red circles", "all the blue squares"])
     out = enc(ids, pad)
     assert out.shape == (2, 16)
@@ -130,7 +137,7 @@ def _tiny_detector() -> SemanticDetector:
     torch.manual_seed(0)
     rpn = RPN(SmallBackbone((8, 16), stride=4), anchor_size=8, batch_per_image=32, head_channels=16,
               post_nms_top_n=20)
-    return SemanticDetector(rpn, Vocabulary(), embed_dim=8, proposal_channels=8, proposal_hidden=16,
+    return SemanticDetector(rpn, QueryVocabulary(), embed_dim=8, proposal_channels=8, proposal_hidden=16,
                             text_ff_dim=16, align_hidden=8)
 
 
@@ -291,14 +298,13 @@ def test_profiles_build_the_detector():
 
 def test_smoke_profile_trains_end_to_end_with_fit(tmp_path):
     from course_utils.detection_metrics import evaluate_detector
-    from course_utils.detector import make_optimizer
     from course_utils.train import fit
 
     cfg = get_config("smoke")
     data = build_shapes(cfg.shapes, seed=0, cache=False)
     torch.manual_seed(0)
     model = build_detector(cfg)
-    opt, sched = make_optimizer(model, cfg.detector)
+    opt, sched = step_lr_optimizer(model, cfg.detector)
     hist = fit(model, detector_step, data["train"], epochs=1, batch_size=8, optimizer=opt,
                scheduler=sched, val_set=data["val"], collate_fn=collate_scenes, ckpt_dir=tmp_path,
                progress=False)
@@ -376,7 +382,7 @@ def test_nb03_checks_accept_the_reference_and_fall_back_on_mistakes(capsys):
     class MyEncoder(ProposalEncoder):
         pass
 
-    class MyText(TextEncoder):
+    class MyText(QueryEncoder):
         pass
 
     class MyHead(AlignmentHead):
@@ -389,7 +395,7 @@ def test_nb03_checks_accept_the_reference_and_fall_back_on_mistakes(capsys):
         return score_proposals(*args, **kwargs)
 
     assert nb03.check_proposal_encoder(MyEncoder) is MyEncoder
-    assert nb03.check_text_encoder(MyText) is MyText
+    assert nb03.check_query_encoder(MyText) is MyText
     assert nb03.check_alignment(MyHead, my_loss) == (MyHead, my_loss)
     assert nb03.check_score_proposals(my_score) is my_score
     assert all(RESULTS[e].passed for e in nb03.EXERCISES)
@@ -413,8 +419,6 @@ def test_nb03_checks_accept_the_reference_and_fall_back_on_mistakes(capsys):
 
 
 def test_alignment_head_init_suits_unit_norm_inputs_and_optimizer_knob():
-    from course_utils.rpn import make_optimizer
-
     torch.manual_seed(0)
     head = AlignmentHead(64, 64, 64)
     region = F.normalize(torch.randn(512, 64), dim=1)
@@ -424,11 +428,11 @@ def test_alignment_head_init_suits_unit_norm_inputs_and_optimizer_knob():
     assert 0.7 < pre.std().item() < 2.0
     for name, cls in (("smoke", torch.optim.AdamW), ("full", torch.optim.SGD)):
         section = get_config(name).detector
-        opt, sched = make_optimizer(head, section)
+        opt, sched = step_lr_optimizer(head, section)
         assert isinstance(opt, cls) and opt.param_groups[0]["lr"] == section.lr
         assert sched.step_size == section.lr_step and sched.gamma == section.lr_gamma
     with pytest.raises(ValueError, match="optimizer must be"):
-        make_optimizer(head, dict(get_config("full").detector, optimizer="lbfgs"))
+        step_lr_optimizer(head, dict(get_config("full").detector, optimizer="lbfgs"))
 
 
 def test_query_kinds_and_alignment_by_kind(tmp_path, monkeypatch):
@@ -452,3 +456,50 @@ def test_query_kinds_and_alignment_by_kind(tmp_path, monkeypatch):
         scenes = [s for s in test.scenes if query_kind(s.terms) == kind]
         negatives = sum(not a for s in scenes for a in s.aligned)
         assert v["accuracy"] == pytest.approx(negatives / v["objects"]), kind
+
+
+def test_train_detector_recipe_resumes_the_run_of_its_folder(tmp_path, monkeypatch, capsys):
+    """Notebook 03 and benchmarks/detector.py train in one folder: the second finds the finished run."""
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+    cfg = get_config("smoke")
+    data = build_shapes(cfg.shapes, seed=0, cache=False)
+    ckpt = run_dir(f"03_detector_{cfg.name}", detector_knobs(cfg, 0))
+    assert ckpt.parent == tmp_path / "runs" and ckpt.name.startswith("03_detector_smoke_")
+    torch.manual_seed(0)
+    model, hist = train_detector(cfg, data, model=build_detector(cfg), ckpt_dir=ckpt, device="cpu", progress=False)
+    assert len(hist) == cfg.detector.epochs and {"loss", "rpn", "align"} <= set(hist.val)
+    assert "AdamW lr" in capsys.readouterr().out
+    again, hist2 = train_detector(cfg, data, ckpt_dir=ckpt, device="cpu", progress=False)
+    assert "already done" in capsys.readouterr().out
+    assert hist2.numbers() == hist.numbers()
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    # The folder changes with any section that shapes the run, and with the seed.
+    assert detector_knobs(cfg, 1) != detector_knobs(cfg, 0)
+    changed = get_config("smoke")
+    changed.detector["lr"] = 0.5
+    assert run_dir("03_detector_smoke", detector_knobs(changed, 0)) != ckpt
+    assert rpn_knobs(changed, 0) == rpn_knobs(cfg, 0)   # the RPN run of notebook 02 does not see it
+
+
+def test_matcher_labels_are_torchvision_rpn_labels_and_equal_ours():
+    from torchvision.models.detection._utils import Matcher
+
+    from course_utils.boxes import anchor_grid, label_anchors
+    from course_utils.recipes.detection import matcher_labels
+
+    anchors = anchor_grid((8, 8), (64, 64), 16)
+    matcher = Matcher(0.6, 0.1, allow_low_quality_matches=True)
+    g = torch.Generator().manual_seed(0)
+    for n in (0, 1, 5):
+        xy = torch.rand(n, 2, generator=g) * 40
+        gt = torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 16], dim=1)
+        labels, matched = matcher_labels(anchors, gt, matcher)
+        ours, ours_matched = label_anchors(anchors, gt, 0.6, 0.1)
+        assert labels.dtype == torch.int64 and torch.equal(labels, ours)
+        pos = labels == 1
+        assert torch.equal(matched[pos], ours_matched[pos])
+        if n == 0:
+            assert (labels == 0).all() and (matched == Matcher.BELOW_LOW_THRESHOLD).all()
+        else:
+            assert set(labels.unique().tolist()) <= {-1, 0, 1} and pos.any()

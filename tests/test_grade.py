@@ -16,9 +16,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_utils import grade
-from course_utils.grade import GradeError, grade_folder, parse_check_names
-from course_utils.nbbuild import canonical_solution, dumps, make_student
+from course_tools import grade
+from course_tools.grade import GradeError, grade_folder, parse_check_names
+from course_tools.nbbuild import canonical_solution, dumps, make_student
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "grading"
@@ -344,7 +344,7 @@ def test_report_lines_written_by_student_code_are_ignored(tmp_path: Path) -> Non
 
 
 def test_run_notebook_saves_outputs_only_when_ok(tmp_path: Path) -> None:
-    from course_utils.nbrun import run_notebook
+    from course_tools.nbrun import run_notebook
 
     good = tmp_path / "good.ipynb"
     write(nbformat.read(MINI, as_version=4), good)
@@ -369,7 +369,7 @@ def test_run_notebook_saves_outputs_only_when_ok(tmp_path: Path) -> None:
 
 
 def test_nbrun_cli_inplace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from course_utils import nbrun
+    from course_tools import nbrun
 
     path = tmp_path / "mini.ipynb"
     write(nbformat.read(MINI, as_version=4), path)

@@ -1,4 +1,4 @@
-"""Tests of the mask sources (course_utils.masks): boxes, a tiny random SAM, validation."""
+"""Tests of the mask sources (course_utils.clip.masks): boxes, a tiny random SAM, validation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from course_utils.masks import (
+from course_utils.clip.masks import (
     TABLE_3_2,
     BoxMaskSource,
     MaskError,

@@ -8,8 +8,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from course_utils import nbbuild
-from course_utils.nbbuild import (
+from course_tools import nbbuild
+from course_tools.nbbuild import (
     BOOTSTRAP_SOURCE,
     CODE_PROMPT,
     CODE_RAISE,
@@ -244,4 +244,4 @@ def test_notebooks_in_sync() -> None:
         "these files differ from what the notebook build writes: "
         + ", ".join(out_of_date)
         + ". Edit solutions/ only, then run `make notebooks` "
-        "(python -m course_utils.nbbuild) and commit the result.")
+        "(python -m course_tools.nbbuild) and commit the result.")

@@ -1,4 +1,4 @@
-"""Tests of ODITS (course_utils.odits) and its exercise checks (course_utils.checks.nb08).
+"""Tests of ODITS (course_utils.clip.objects, course_utils.clip.odits, course_utils.recipes.odits) and its exercise checks (course_utils.checks.nb08).
 
 Tiny models only: an open_clip ``CLIP`` even smaller than the course's small one (same input
 size and tokenizer, width 32, one layer per tower), randomly initialised.
@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from course_utils import odits as O
-from course_utils.masks import BoxMaskSource, MaskError, ObjectMasks
+from course_utils.clip import loading, objects, odits
+from course_utils.clip import wordspotting as ws
+from course_utils.clip.masks import BoxMaskSource, MaskError, ObjectMasks
+from course_utils.recipes import odits as ro
 from course_utils.svt import SVTWord
 
 D, N_WORDS = 32, 12
@@ -53,10 +55,10 @@ def _batch(seed: int = 0, B: int = 4, K: int = 3) -> dict[str, torch.Tensor]:
             "conf": torch.rand(B, K, generator=g) * valid, "valid": valid, "targets": targets}
 
 
-def _model(clip: torch.nn.Module, seed: int = 0, **kw) -> O.ODITS:
+def _model(clip: torch.nn.Module, seed: int = 0, **kw) -> odits.ODITS:
     import copy
 
-    m = O.ODITS(copy.deepcopy(clip), heads=4, seed=seed, **kw)
+    m = odits.ODITS(copy.deepcopy(clip), heads=4, seed=seed, **kw)
     m.set_vocabulary([f"W{i}" for i in range(N_WORDS)], _unit(torch.Generator().manual_seed(99), N_WORDS, D))
     return m
 
@@ -72,19 +74,19 @@ def test_object_image_background_and_crop() -> None:
     img = Image.fromarray(x)
     mask = torch.zeros(20, 30, dtype=torch.bool)
     mask[5:10, 10:20] = True
-    crop = O.object_image(img, mask, pad=0.0)
+    crop = objects.object_image(img, mask, pad=0.0)
     assert crop.size == (10, 5) and np.all(np.asarray(crop) == 10)
-    full = np.asarray(O.object_image(img, mask, background="black", crop=False))
+    full = np.asarray(objects.object_image(img, mask, background="black", crop=False))
     assert full.shape == (20, 30, 3) and full[0, 0].tolist() == [0, 0, 0] and full[6, 12].tolist() == [10] * 3
-    mean = np.asarray(O.object_image(img, mask, crop=False))
+    mean = np.asarray(objects.object_image(img, mask, crop=False))
     assert mean[0, 0].tolist() == [round(x.reshape(-1, 3).mean(0)[0])] * 3
-    padded = O.object_image(img, mask, pad=0.4)  # 2 px margin on each side
+    padded = objects.object_image(img, mask, pad=0.4)  # 2 px margin on each side
     assert padded.size == (14, 9)
-    assert O.object_image(img, torch.zeros(20, 30, dtype=torch.bool)).size == (1, 1)
+    assert objects.object_image(img, torch.zeros(20, 30, dtype=torch.bool)).size == (1, 1)
     with pytest.raises(ValueError, match="mask is"):
-        O.object_image(img, torch.zeros(10, 10, dtype=torch.bool))
+        objects.object_image(img, torch.zeros(10, 10, dtype=torch.bool))
     with pytest.raises(ValueError, match="background"):
-        O.object_image(img, mask, background="white")
+        objects.object_image(img, mask, background="white")
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,11 +95,11 @@ def test_object_image_background_and_crop() -> None:
 
 
 def test_count_statistics() -> None:
-    s = O.count_statistics([1, 2, 2, 3, 7])
+    s = objects.count_statistics([1, 2, 2, 3, 7])
     assert s["mean"] == 3.0 and s["median"] == 2.0 and s["mode"] == 2.0 and s["n"] == 5
     assert math.isclose(s["std"], np.std([1, 2, 2, 3, 7], ddof=1))
     with pytest.raises(ValueError, match="no counts"):
-        O.count_statistics([])
+        objects.count_statistics([])
 
 
 def test_anderson_table_matches_scipy_and_decides() -> None:
@@ -106,7 +108,7 @@ def test_anderson_table_matches_scipy_and_decides() -> None:
     from scipy import stats
 
     counts = np.round(np.random.default_rng(0).exponential(8.0, size=300)).astype(int) + 1
-    rows = {r["distribution"]: r for r in O.anderson_table(counts)}
+    rows = {r["distribution"]: r for r in objects.anderson_table(counts)}
     assert set(rows) == {"normal", "exponential"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -116,22 +118,22 @@ def test_anderson_table_matches_scipy_and_decides() -> None:
     assert rows["normal"]["reject"] and rows["normal"]["decision"] == "reject H0"
     for r in rows.values():
         assert r["reject"] == (r["statistic"] > r["critical_value"]) and r["alpha"] == 0.05
-    text = O.format_anderson_table(list(rows.values()))
+    text = objects.format_anderson_table(list(rows.values()))
     assert "exponential law" in text and "crit. (5 %)" in text
     with pytest.raises(ValueError, match="all 4 counts equal"):
-        O.anderson_table([2, 2, 2, 2])
+        objects.anderson_table([2, 2, 2, 2])
     with pytest.raises(ValueError, match="at least 3"):
-        O.anderson_table([1, 2])
+        objects.anderson_table([1, 2])
 
 
 def test_plot_object_counts_marks_the_statistics() -> None:
     import matplotlib.pyplot as plt
 
-    ax = O.plot_object_counts([1, 2, 2, 3, 5, 8], density=True)
+    ax = objects.plot_object_counts([1, 2, 2, 3, 5, 8], density=True)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any(lbl.startswith("mean") for lbl in labels) and any(lbl.startswith("mode") for lbl in labels)
     assert "KDE" in labels and ax.get_ylabel() == "density"
-    ax2 = O.plot_object_counts([3, 3, 3])  # constant counts: no KDE, still a figure
+    ax2 = objects.plot_object_counts([3, 3, 3])  # constant counts: no KDE, still a figure
     assert "KDE" not in [t.get_text() for t in ax2.get_legend().get_texts()]
     plt.close("all")
 
@@ -142,10 +144,10 @@ def test_explanation_figure_lists_the_words_of_each_object() -> None:
     img = Image.new("RGB", (80, 60), (120, 120, 120))
     objs = BoxMaskSource()(img, boxes=[[2, 3, 30, 13], [40, 30, 70, 42]])
     P = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
-    ax = O.plot_object_words(img, objs, P, ["JOINT", "BAR", "CAFE"], k=2, truth=["JOINT"])
+    ax = objects.plot_object_words(img, objs, P, ["JOINT", "BAR", "CAFE"], k=2, truth=["JOINT"])
     text = "\n".join(t.get_text() for t in ax.texts)
     assert "1: JOINT ✓ 0.70, BAR 0.20" in text and "2: CAFE 0.80" in text
-    empty = O.plot_object_words(img, BoxMaskSource()(img, boxes=[]), torch.zeros(0, 3), ["A", "B", "C"])
+    empty = objects.plot_object_words(img, BoxMaskSource()(img, boxes=[]), torch.zeros(0, 3), ["A", "B", "C"])
     assert "image alone" in "".join(t.get_text() for t in empty.texts)
     plt.close("all")
 
@@ -158,15 +160,15 @@ def test_explanation_figure_lists_the_words_of_each_object() -> None:
 def test_similarity_weighted_embeddings() -> None:
     g = torch.Generator().manual_seed(1)
     em, et = 2 * _unit(g, 2, 3, 16), _unit(g, 5, 16)
-    P, es = O.similarity_weighted_embeddings(em, et, 100.0)
+    P, es = odits.similarity_weighted_embeddings(em, et, 100.0)
     assert P.shape == (2, 3, 5) and es.shape == (2, 3, 16)
     assert torch.allclose(P.sum(-1), torch.ones(2, 3))
     assert torch.allclose(es, P @ et)
     assert torch.allclose(P, (100 * F.normalize(em, dim=-1) @ et.T).softmax(-1))  # cosine, not dot
     with pytest.raises(ValueError, match="non-empty"):
-        O.similarity_weighted_embeddings(em, torch.zeros(0, 16))
+        odits.similarity_weighted_embeddings(em, torch.zeros(0, 16))
     with pytest.raises(ValueError, match="same embedding size"):
-        O.similarity_weighted_embeddings(em, _unit(g, 5, 8))
+        odits.similarity_weighted_embeddings(em, _unit(g, 5, 8))
 
 
 def test_object_self_attention_rules() -> None:
@@ -175,24 +177,24 @@ def test_object_self_attention_rules() -> None:
     es, em, conf = torch.randn(B, K, d, generator=g), _unit(g, B, K, d), torch.rand(B, K, generator=g)
     w = [torch.randn(d, d, generator=g) for _ in range(3)]
     valid = torch.tensor([[True, True, True, False], [False, False, False, False]])
-    out = O.object_self_attention(es, em, conf, valid, *w)
+    out = odits.object_self_attention(es, em, conf, valid, *w)
     assert out.shape == (B, d) and torch.all(out[1] == 0)  # no objects → zeros, not NaN
     # padding is ignored: garbage in the invalid slot changes nothing
     es2, em2 = es.clone(), em.clone()
     es2[0, 3], em2[0, 3] = 1e3, 1e3
-    assert torch.allclose(O.object_self_attention(es2, em2, conf, valid, *w), out)
+    assert torch.allclose(odits.object_self_attention(es2, em2, conf, valid, *w), out)
     # the objects form a set: their order does not matter
     perm = torch.tensor([2, 0, 1, 3])
-    assert torch.allclose(O.object_self_attention(es[:, perm], em[:, perm], conf[:, perm], valid[:, perm], *w), out,
+    assert torch.allclose(odits.object_self_attention(es[:, perm], em[:, perm], conf[:, perm], valid[:, perm], *w), out,
                           atol=1e-6)
     # one object: attention weight 1, output c · E_M W_v^T
-    one = O.object_self_attention(es[:, :1], em[:, :1], conf[:, :1], torch.ones(B, 1, dtype=torch.bool), *w)
+    one = odits.object_self_attention(es[:, :1], em[:, :1], conf[:, :1], torch.ones(B, 1, dtype=torch.bool), *w)
     assert torch.allclose(one, conf[:, :1] * em[:, 0] @ w[2].T, atol=1e-6)
 
 
 def test_cross_attention_folded_output_projection_is_exact() -> None:
     torch.manual_seed(0)
-    att = O.CrossAttention(16, heads=4)
+    att = odits.CrossAttention(16, heads=4)
     q, ctx = torch.randn(50, 16), torch.randn(3, 2, 16)  # 50 shared queries, 2 keys: folded path
     valid = torch.tensor([[True, True], [True, False], [False, False]])
     got = att(q, ctx, valid)
@@ -251,7 +253,7 @@ def test_empty_vocabulary_and_bad_shapes_are_clear_errors(clip: torch.nn.Module)
     with pytest.raises(ValueError, match="conf"):
         m(b["image_emb"], b["object_emb"], b["conf"][:, :2], b["valid"])
     with pytest.raises(ValueError, match="empty"):
-        O.ODITS(clip).forward(b["image_emb"], b["object_emb"], b["conf"], b["valid"])
+        odits.ODITS(clip).forward(b["image_emb"], b["object_emb"], b["conf"], b["valid"])
 
 
 def test_vocabulary_from_a_tokenizer(clip: torch.nn.Module) -> None:
@@ -284,7 +286,7 @@ def test_initialisation_shared_from_clip_new_layers_seeded(clip: torch.nn.Module
 
 
 def test_set_deterministic_sets_the_flags_of_section_3_2() -> None:
-    flags = O.set_deterministic(0)
+    flags = odits.set_deterministic(0)
     try:
         assert flags == {"use_deterministic_algorithms": True, "cudnn.benchmark": False,
                          "cudnn.deterministic": True}
@@ -302,13 +304,13 @@ def test_class_weighted_loss() -> None:
     y = torch.zeros(3, 5, dtype=torch.bool)
     y[0, 1] = y[1, 2] = True
     # one word per image, unit weights: plain cross-entropy; image 2 (no words) is left out
-    assert torch.allclose(O.class_weighted_loss(logits, y), F.cross_entropy(logits[:2], torch.tensor([1, 2])))
+    assert torch.allclose(odits.class_weighted_loss(logits, y), F.cross_entropy(logits[:2], torch.tensor([1, 2])))
     y[0, 3] = True
     w = torch.tensor([1.0, 1.0, 1.0, 3.0, 1.0])
     lp = logits.log_softmax(-1)
     want = (-(lp[0, 1] + 3 * lp[0, 3]) / 4 - lp[1, 2]) / 2
-    assert torch.allclose(O.class_weighted_loss(logits, y, w), want)
-    zero = O.class_weighted_loss(logits, torch.zeros(3, 5, dtype=torch.bool))
+    assert torch.allclose(odits.class_weighted_loss(logits, y, w), want)
+    zero = odits.class_weighted_loss(logits, torch.zeros(3, 5, dtype=torch.bool))
     assert zero.item() == 0.0 and zero.requires_grad
 
 
@@ -316,19 +318,19 @@ def test_word_class_weights_lift_rare_words() -> None:
     t = torch.zeros(10, 4, dtype=torch.bool)
     t[:, 0] = True  # frequent
     t[0, 1] = True  # rare
-    w = O.word_class_weights(t, power=0.5)
+    w = odits.word_class_weights(t, power=0.5)
     assert w[1] > w[0] and math.isclose(float(w[:2].mean()), 1.0, rel_tol=1e-6)
-    assert torch.allclose(O.word_class_weights(t, power=0.0)[:2], torch.ones(2))
+    assert torch.allclose(odits.word_class_weights(t, power=0.0)[:2], torch.ones(2))
 
 
-def _train(clip: torch.nn.Module, epochs: int = 3) -> tuple[O.ODITS, list[float]]:
+def _train(clip: torch.nn.Module, epochs: int = 3) -> tuple[odits.ODITS, list[float]]:
     from course_utils.train import fit
 
-    feats = O.ODITSFeatures(**{k: v for k, v in _batch(5, B=8).items() if k != "targets"}, targets=_batch(5, B=8)["targets"],
+    feats = objects.ObjectFeatures(**{k: v for k, v in _batch(5, B=8).items() if k != "targets"}, targets=_batch(5, B=8)["targets"],
                             lexicon=torch.ones(8, N_WORDS, dtype=torch.bool), counts=torch.zeros(8))
     m = _model(clip)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
-    hist = fit(m, O.make_step_fn(O.word_class_weights(feats.targets)), O.FeatureDataset(feats), epochs=epochs,
+    hist = fit(m, odits.odits_step_fn(odits.word_class_weights(feats.targets)), objects.ObjectFeatureDataset(feats), epochs=epochs,
                batch_size=4, optimizer=opt, seed=0, progress=False, grad_clip=1.0)
     return m, hist.train["loss"]
 
@@ -350,7 +352,7 @@ def test_step_fn_trains_with_fit_deterministically(clip: torch.nn.Module) -> Non
 def bundle(clip: torch.nn.Module):
     import open_clip
 
-    from course_utils.clip_svt import ClipBundle, small_clip_preprocess
+    from course_utils.clip.loading import ClipBundle, small_clip_preprocess
 
     tok = open_clip.get_tokenizer("ViT-B-32", context_length=16)
     return ClipBundle(clip, small_clip_preprocess, lambda t: tok(list(t)), "small", "weights: random (test)")
@@ -369,19 +371,19 @@ def _records() -> list[SimpleNamespace]:
             rec("c", [(10, 10, 40, 15, "CAFE")], ["CAFE", "JONES", "JOINT"])]
 
 
-def test_extract_features_and_the_no_object_image(bundle) -> None:
+def test_extract_object_features_and_the_no_object_image(bundle) -> None:
     vocab = ["BAR", "CAFE", "JOHNS", "JOINT", "JONES"]
-    f = O.extract_features(bundle, _records(), BoxMaskSource(), vocab)
+    f = objects.extract_object_features(bundle, _records(), BoxMaskSource(), vocab)
     assert f.image_emb.shape == (3, D) and f.object_emb.shape == (3, 2, D)
     assert f.valid.tolist() == [[True, True], [False, False], [True, False]] and f.counts.tolist() == [2, 0, 1]
     assert torch.allclose(f.object_emb[f.valid].norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.all(f.object_emb[~f.valid] == 0)
     assert f.targets[0].tolist() == [True, False, False, True, False] and f.lexicon[1].sum() == 2
     assert f.object_labels == [["JOINT", "BAR"], [], ["CAFE"]]
-    capped = O.extract_features(bundle, _records(), BoxMaskSource(), vocab, max_objects=1)
+    capped = objects.extract_object_features(bundle, _records(), BoxMaskSource(), vocab, max_objects=1)
     assert capped.object_emb.shape == (3, 1, D) and capped.counts.tolist() == [2, 0, 1]
     with pytest.raises(ValueError, match="vocabulary is empty"):
-        O.extract_features(bundle, _records(), BoxMaskSource(), [])
+        objects.extract_object_features(bundle, _records(), BoxMaskSource(), [])
 
     class HalfSize:  # a mask source that forgot to resize its masks to the image
         name = "half-size source"
@@ -390,31 +392,44 @@ def test_extract_features_and_the_no_object_image(bundle) -> None:
             return ObjectMasks(torch.zeros(1, image.height // 2, image.width // 2, dtype=torch.bool), torch.ones(1))
 
     with pytest.raises(MaskError, match=r"image #0 \(a\) from half-size source: masks are \(30, 40\)"):
-        O.extract_features(bundle, _records(), HalfSize(), vocab)
+        objects.extract_object_features(bundle, _records(), HalfSize(), vocab)
 
     # every model and baseline gives a probability row for every image, the empty one included
     text = bundle.encode_texts(vocab)
-    m = O.ODITS(bundle.model, heads=4)
+    m = odits.ODITS(bundle.model, heads=4)
     m.set_vocabulary(vocab, text)
-    pred = O.predict(m, f)
-    for P in (pred["P"], O.clip_probabilities(f, text, 100.0), O.object_max_probabilities(f, text, 100.0)):
+    pred = odits.predict(m, f)
+    for P in (pred["P"], objects.clip_probabilities(f, text, 100.0), objects.object_max_probabilities(f, text, 100.0)):
         assert P.shape == (3, 5) and torch.allclose(P.sum(1), torch.ones(3), atol=1e-5)
-    assert torch.allclose(O.object_max_probabilities(f, text, 100.0)[1], O.clip_probabilities(f, text, 100.0)[1])
-    tops = O.top_words_per_object(pred["object_text"][0], f.valid[0], vocab, k=2)
+    assert torch.allclose(objects.object_max_probabilities(f, text, 100.0)[1], objects.clip_probabilities(f, text, 100.0)[1])
+    tops = objects.top_words_per_object(pred["object_text"][0], f.valid[0], vocab, k=2)
     assert len(tops) == 2 and len(tops[0]) == 2 and tops[0][0][0] in vocab
-    assert O.top_words_per_object(pred["object_text"][1], f.valid[1], vocab) == []
+    assert objects.top_words_per_object(pred["object_text"][1], f.valid[1], vocab) == []
 
 
-def test_word_spotting_metrics() -> None:
+def test_table_2_6_metrics() -> None:
     Y = torch.tensor([[True, True, False, False], [False, False, True, False]])
     lex = torch.tensor([[True, True, True, False], [False, True, True, True]])
     perfect = Y.float() / Y.float().sum(1, keepdim=True)
-    m = O.word_spotting_metrics(perfect, Y, lex)
-    assert set(m) >= {"accuracy", "precision", "recall", "f1", "uniformity", "lexicon50_top1", "precision_youden"}
+    m = ws.table_2_6_metrics(perfect, Y, lexicon=lex, approach1=True)
+    assert set(m) >= {"accuracy", "precision", "recall", "f1", "entropy", "lexicon50_top1", "precision_youden"}
     assert m["precision"] == 1.0 and m["recall"] == 1.0 and m["lexicon50_top1"] == 1.0
-    assert math.isclose(m["uniformity"], 1.0)
+    # only image 0 has two words: the mean entropy is over it alone
+    assert math.isclose(m["entropy"], 1.0)
     wrong = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
-    assert O.word_spotting_metrics(wrong, Y, lex)["lexicon50_top1"] == 0.0
+    assert ws.table_2_6_metrics(wrong, Y, lexicon=lex)["lexicon50_top1"] == 0.0
+    # no image with two words: the entropy is undefined (NaN), not 0
+    one = torch.tensor([[True, False, False, False], [False, False, True, False]])
+    assert math.isnan(ws.table_2_6_metrics(perfect, one)["entropy"])
+    # a ranking that breaks the probabilities' tie (both 0) picks the right word
+    tied = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    truth = torch.tensor([[False, False, True, False]])
+    lex1 = torch.tensor([[False, True, True, False]])
+    assert ws.table_2_6_metrics(tied, lex1, lexicon=lex1, truth=truth)["lexicon50_top1"] == 0.0
+    cos = torch.tensor([[0.9, 0.1, 0.2, 0.0]])
+    assert ws.table_2_6_metrics(tied, lex1, lexicon=lex1, truth=truth, ranking=cos)["lexicon50_top1"] == 1.0
+    with pytest.raises(ValueError, match="truth has shape"):
+        ws.table_2_6_metrics(perfect, Y, lexicon=lex, truth=truth)
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,28 +446,28 @@ def test_checks_accept_the_reference_and_fall_back_on_mistakes(capsys: pytest.Ca
             return fn(*args, **kwargs)
         return student
 
-    for check, ref in ((nb08.check_similarity_weighted_embeddings, O.similarity_weighted_embeddings),
-                       (nb08.check_object_self_attention, O.object_self_attention),
-                       (nb08.check_init_new_layers, O.init_new_layers_)):
+    for check, ref in ((nb08.check_similarity_weighted_embeddings, odits.similarity_weighted_embeddings),
+                       (nb08.check_object_self_attention, odits.object_self_attention),
+                       (nb08.check_init_new_layers, odits.init_new_layers_)):
         answer = own(ref)
         assert check(answer) is answer
     assert all(checks.RESULTS[e].passed for e in nb08.EXERCISES)
     # Handing in the package's own function earns nothing.
-    assert nb08.check_object_self_attention(O.object_self_attention) is O.object_self_attention
+    assert nb08.check_object_self_attention(odits.object_self_attention) is odits.object_self_attention
     assert not checks.RESULTS[nb08.EXERCISES[1]].passed
 
     def no_cosine(em, et, s=100.0):
         P = (s * em @ et.T).softmax(-1)
         return P, P @ et
 
-    assert nb08.check_similarity_weighted_embeddings(no_cosine) is O.similarity_weighted_embeddings
+    assert nb08.check_similarity_weighted_embeddings(no_cosine) is odits.similarity_weighted_embeddings
     assert "not normalised" in capsys.readouterr().out
 
     def mean_over_padding(es, em, conf, valid, wq, wk, wv):
         a = (es @ wq.T @ (es @ wk.T).transpose(1, 2) / math.sqrt(wq.shape[0])).softmax(-1)
         return (a @ ((conf[..., None] * em) @ wv.T)).mean(1)
 
-    assert nb08.check_object_self_attention(mean_over_padding) is O.object_self_attention
+    assert nb08.check_object_self_attention(mean_over_padding) is odits.object_self_attention
     assert "invalid objects" in capsys.readouterr().out
 
     def global_rng(mods, scheme, generator):
@@ -461,13 +476,13 @@ def test_checks_accept_the_reference_and_fall_back_on_mistakes(capsys: pytest.Ca
                 if p.ndim == 2:
                     torch.nn.init.xavier_uniform_(p)
 
-    assert nb08.check_init_new_layers(global_rng) is O.init_new_layers_
+    assert nb08.check_init_new_layers(global_rng) is odits.init_new_layers_
     assert "global RNG" in capsys.readouterr().out
 
     def kaiming_always(mods, scheme, generator):
-        O.init_new_layers_(mods, "kaiming", generator)
+        odits.init_new_layers_(mods, "kaiming", generator)
 
-    assert nb08.check_init_new_layers(kaiming_always) is O.init_new_layers_
+    assert nb08.check_init_new_layers(kaiming_always) is odits.init_new_layers_
     assert "above the xavier bound" in capsys.readouterr().out
 
     def todo(*args):
@@ -481,7 +496,8 @@ def test_checks_accept_the_reference_and_fall_back_on_mistakes(capsys: pytest.Ca
 def test_load_clip_weights_reads_fit_checkpoints_and_state_dicts(clip: torch.nn.Module, tmp_path) -> None:
     import copy
 
-    from course_utils.train import History, save_checkpoint
+    from course_utils.checkpoints import save_checkpoint
+    from course_utils.history import History
 
     tuned = copy.deepcopy(clip)
     with torch.no_grad():
@@ -489,9 +505,9 @@ def test_load_clip_weights_reads_fit_checkpoints_and_state_dicts(clip: torch.nn.
     save_checkpoint(tmp_path / "epoch_001.pt", model=tuned, epoch=1, history=History())
     torch.save(tuned.state_dict(), tmp_path / "plain.pt")
     for name in ("epoch_001.pt", "plain.pt"):
-        target = O.load_clip_weights(copy.deepcopy(clip), tmp_path / name)
+        target = loading.load_clip_weights(copy.deepcopy(clip), tmp_path / name)
         assert float(target.logit_scale.detach()) == 3.0
-        assert O.ODITS(target).logit_scale.item() == 3.0  # ODITS starts from the loaded temperature
+        assert odits.ODITS(target).logit_scale.item() == 3.0  # ODITS starts from the loaded temperature
 
 
 def test_odits_runs_the_functions_it_is_given(clip: torch.nn.Module) -> None:
@@ -500,15 +516,15 @@ def test_odits_runs_the_functions_it_is_given(clip: torch.nn.Module) -> None:
 
     def sim(*a, **k):
         calls["sim"] += 1
-        return O.similarity_weighted_embeddings(*a, **k)
+        return odits.similarity_weighted_embeddings(*a, **k)
 
     def att(*a, **k):
         calls["att"] += 1
-        return O.object_self_attention(*a, **k)
+        return odits.object_self_attention(*a, **k)
 
     def init(*a, **k):
         calls["init"] += 1
-        return O.init_new_layers_(*a, **k)
+        return odits.init_new_layers_(*a, **k)
 
     b = _batch()
     plain = _model(clip)
@@ -530,23 +546,23 @@ def test_train_odits_leaves_the_clip_untouched_and_is_reproducible(clip: torch.n
     import copy
 
     b = _batch(B=6)
-    feats = O.ODITSFeatures(b["image_emb"], b["object_emb"], b["conf"], b["valid"], b["targets"],
+    feats = objects.ObjectFeatures(b["image_emb"], b["object_emb"], b["conf"], b["valid"], b["targets"],
                             b["targets"].clone(), b["valid"].sum(1))
     words = [f"W{i}" for i in range(N_WORDS)]
     text = _unit(torch.Generator().manual_seed(99), N_WORDS, D)
     cfg = {"heads": 4, "ff_mult": 2, "init": "xavier", "seed": 3, "freeze_clip": True, "epochs": 3,
            "batch_size": 2, "lr": 1e-3, "weight_decay": 0.01, "class_weight_power": 0.5, "grad_clip": 1.0}
     before = copy.deepcopy(clip.state_dict())
-    m1, h1, info = O.train_odits(clip, feats, words, text, cfg)
-    m2, h2, _ = O.train_odits(clip, feats, words, text, cfg)
+    m1, h1, info = ro.train_odits(clip, feats, words, text, cfg)
+    m2, h2, _ = ro.train_odits(clip, feats, words, text, cfg)
     assert all(torch.equal(before[k], v) for k, v in clip.state_dict().items())
     assert h1.train["loss"] == h2.train["loss"] and len(h1.train["loss"]) == 3
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
     assert info["trainable_params"] == sum(p.numel() for p in m1.parameters() if p.requires_grad) > 0
-    ablation, _, _ = O.train_odits(clip, feats, words, text, cfg, use_objects=False)
+    ablation, _, _ = ro.train_odits(clip, feats, words, text, cfg, use_objects=False)
     assert ablation.use_objects is False
 
 
 def test_load_start_clip_names_a_missing_checkpoint(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
-        O.load_start_clip("small", "smoke", checkpoint=tmp_path / "nowhere.pt")
+        ro.load_start_clip("small", "smoke", checkpoint=tmp_path / "nowhere.pt")

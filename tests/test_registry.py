@@ -18,7 +18,6 @@ from course_utils.registry import (
     Entry,
     OfflineError,
     RegistryError,
-    cache_dir,
     fetch,
     fetch_or_fallback,
     open_clip_pretrained_available,
@@ -164,13 +163,34 @@ def test_offline_env_still_uses_a_valid_cached_copy(
         fetch("tiny", downloader=dl)
 
 
-def test_cache_dir_default_and_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("COURSE_CACHE")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert cache_dir() == tmp_path / "home" / ".cache" / "anchors-to-clip"
-    assert cache_dir().is_dir()
-    monkeypatch.setenv("COURSE_CACHE", str(tmp_path / "elsewhere"))
-    assert cache_dir() == tmp_path / "elsewhere" and cache_dir().is_dir()
+def test_offline_mode_is_the_one_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def connect(address, timeout=None):
+        calls.append(address)
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(registry.socket, "create_connection", connect)
+    for value in ("1", "true", "yes"):
+        monkeypatch.setenv("COURSE_OFFLINE", value)
+        assert registry.offline_mode() and registry.offline_mode(probe_host="example.org")
+    assert calls == []  # COURSE_OFFLINE: decided without a socket
+    for value in ("", "0", "false", "no"):
+        monkeypatch.setenv("COURSE_OFFLINE", value)
+        assert not registry.offline_mode()
+    assert calls == []  # no probe host: the network is allowed, nothing was tried
+    assert registry.offline_mode(probe_host="example.org", timeout=0.5)
+    assert calls == [("example.org", 443)]
+
+    class Answer:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(registry.socket, "create_connection", lambda address, timeout=None: Answer())
+    assert not registry.offline_mode(probe_host="example.org")
 
 
 def _zip(path: Path, members: list[str]) -> Path:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from course_utils import report
-from course_utils.report import ReportError, write_result
+from course_tools import report
+from course_tools.report import ReportError, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 README_TEMPLATE = "# Course\n\n## Results\n\n<!-- results:start -->\nold table\n<!-- results:end -->\n\nAfter.\n"
@@ -90,7 +90,7 @@ def test_real_readme_table_is_up_to_date() -> None:
         pytest.skip("README has no results markers yet")
     assert not report.update_readme(readme, REPO / "benchmarks" / "results", check=True), (
         "README results table differs from benchmarks/results/*.json: "
-        "run `python -m course_utils.report`")
+        "run `python -m course_tools.report`")
 
 
 def test_smoke_rows_hidden_when_the_benchmark_has_a_real_profile():

@@ -72,7 +72,7 @@ def test_cache_is_used_and_a_truncated_file_is_regenerated(tmp_path, monkeypatch
     monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
     cfg = get_config("smoke").shapes
     first = S.build_shapes(cfg, seed=5)
-    root = next((tmp_path / "shapes").iterdir())
+    (root,) = (tmp_path / "runs").glob("shapes_*")  # one run folder, named by the sizes and seed
     assert (root / "train.json").exists()
     first["train"][0]  # renders and caches a PNG
     png = root / "train" / f"{first['train'].scenes[0].image_id:06d}.png"

@@ -10,15 +10,17 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from course_utils.train import (
+from course_utils.checkpoints import (
     CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from course_utils.train import (
     History,
     batch_size_of,
     evaluate,
     fit,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
 )
 
 EPOCHS = 3

@@ -11,7 +11,7 @@ What it does:
    (the street-sign vocabulary, Zipf-weighted, mixed with random letter strings), the other half
    one- or two-letter edits of those same words, so every batch holds look-alike pairs (JOINT /
    JOINE) and the contrastive loss can only be lowered by reading letters;
-2. trains :func:`course_utils.clip_svt.build_small_clip` with the symmetric loss of Algorithm 1
+2. trains :func:`course_utils.clip.small.build_small_clip` with the symmetric loss of Algorithm 1
    (AdamW for the dense weights, SparseAdam for the token table, warm-up + cosine schedule);
 3. saves ``small_clip.safetensors`` and ``manifest.json``: sha256, the exact command, seeds,
    steps, wall time, the final lexicon-50 top-1 accuracy on the SynthSVT test split, and how many
@@ -50,8 +50,8 @@ EVAL_SEED = 0  # the cpu profile's SynthSVT seed
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from course_utils import clip_svt as cs  # noqa: E402
 from course_utils import synthsvt as ss  # noqa: E402
+from course_utils.clip import finetune, loading, small, wordspotting  # noqa: E402
 from course_utils.env import seed_everything  # noqa: E402
 from course_utils.svt import load_svt  # noqa: E402
 
@@ -76,7 +76,7 @@ class PairBatches(torch.utils.data.Dataset):
         # half Zipf, half uniform: frequent words often, every word regularly
         self.p = 0.5 * ss.zipf_weights(len(self.words)) + 0.5 / len(self.words)
         self.stream = ss.WordStream(self.words, seed=seed)
-        self.tokenizer = cs._small_tokenizer()
+        self.tokenizer = small.small_clip_tokenizer()
 
     def __len__(self) -> int:  # the stream is endless; the sampler decides how far we read
         return 1 << 40
@@ -107,7 +107,7 @@ class PairBatches(torch.utils.data.Dataset):
         texts = self.texts(step)
         images = [self.stream.render(t, np.random.default_rng([self.seed, step, 2, k]))
                   for k, t in enumerate(texts)]
-        x = torch.stack([cs.small_clip_preprocess(im) for im in images])
+        x = torch.stack([small.small_clip_preprocess(im) for im in images])
         return x, self.tokenizer(texts), texts
 
 
@@ -137,12 +137,12 @@ def synthsvt_test(n_images: int, seed: int) -> "object":
 def evaluate(model: torch.nn.Module, split) -> dict[str, float]:
     """Lexicon-50 top-1 word-spotting accuracy of ``model`` on the word crops of ``split``."""
     model.eval()
-    bundle = cs.ClipBundle(model, cs.small_clip_preprocess, cs._small_tokenizer(), "small", "training")
+    bundle = loading.ClipBundle(model, small.small_clip_preprocess, small.small_clip_tokenizer(), "small", "training")
     crops = split.word_crops()
     vocab = sorted({w for im in split for w in im.lexicon})
     img = bundle.encode_images([c for c, _, _ in crops], batch_size=128)
     txt = bundle.encode_texts(vocab)
-    acc = cs.lexicon_top1_accuracy(img, txt, vocab, [r.lexicon for _, _, r in crops], [t for _, t, _ in crops])
+    acc = wordspotting.lexicon_top1_accuracy(img, txt, vocab, [r.lexicon for _, _, r in crops], [t for _, t, _ in crops])
     model.train()
     return {"lexicon50_top1_synthsvt_test": acc, "n_crops": len(crops)}
 
@@ -187,12 +187,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
-    model = cs.build_small_clip(seed=args.seed)
+    model = small.build_small_clip(seed=args.seed)
     init_info = None
     if args.init is not None:
-        model.load_state_dict(cs.load_small_clip_state(args.init))
+        model.load_state_dict(small.load_small_clip_state(args.init))
         init_manifest = args.init.parent / "manifest.json"
-        init_info = {"file": str(args.init), "sha256": cs.file_sha256(args.init),
+        init_info = {"file": str(args.init), "sha256": small.file_sha256(args.init),
                      "manifest": json.loads(init_manifest.read_text()) if init_manifest.is_file() else None}
         if init_info["manifest"]:
             init_info["manifest"].pop("loss_log", None)
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     for step, (x, tokens, _texts) in enumerate(loader, start=start):
         for group in opt.param_groups + opt_tok.param_groups:
             group["lr"] = lr_at(step, args.steps, args.warmup, args.lr)
-        out = cs.clip_contrastive_loss(model.encode_image(x), model.encode_text(tokens), model.logit_scale.exp())
+        out = finetune.clip_contrastive_loss(model.encode_image(x), model.encode_text(tokens), model.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
         opt_tok.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -256,10 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     model.token_embedding.sparse = False
     model.eval()
-    sha = cs.save_small_clip(model, args.out / cs.SMALL_CLIP_WEIGHTS)
+    sha = small.save_small_clip(model, args.out / small.SMALL_CLIP_WEIGHTS)
     # evaluate the weights as saved (what users load), not the in-memory model
-    reloaded = cs.build_small_clip(zero_token_embedding=False)
-    reloaded.load_state_dict(cs.load_small_clip_state(args.out / cs.SMALL_CLIP_WEIGHTS))
+    reloaded = small.build_small_clip(zero_token_embedding=False)
+    reloaded.load_state_dict(small.load_small_clip_state(args.out / small.SMALL_CLIP_WEIGHTS))
     final = evaluate(reloaded, split)
     print(f"final lexicon-50 top-1 on SynthSVT test: {final['lexicon50_top1_synthsvt_test']:.3f} "
           f"({final['n_crops']} crops), sha256 {sha}", flush=True)
@@ -276,13 +276,13 @@ def main(argv: list[str] | None = None) -> dict:
     tags = {w.tag for im in split for w in im.words}
     lex = {w for im in split for w in im.lexicon}
     manifest = {
-        "model": "open_clip.CLIP(**course_utils.clip_svt.SMALL_CLIP_CONFIG)",
-        "config": json.loads(json.dumps(cs.SMALL_CLIP_CONFIG)),
-        "tokenizer": "course_utils.clip_svt._small_tokenizer(): open_clip.get_tokenizer('ViT-B-32', context_length=16) "
+        "model": "open_clip.CLIP(**course_utils.clip.small.SMALL_CLIP_CONFIG)",
+        "config": json.loads(json.dumps(small.SMALL_CLIP_CONFIG)),
+        "tokenizer": "course_utils.clip.small.small_clip_tokenizer(): open_clip.get_tokenizer('ViT-B-32', context_length=16) "
                      "(OpenAI BPE) on the spelled-out word (spell_out: 'JOINT' -> 'J O I N T', one token per letter)",
-        "file": cs.SMALL_CLIP_WEIGHTS,
+        "file": small.SMALL_CLIP_WEIGHTS,
         "sha256": sha,
-        "bytes": (args.out / cs.SMALL_CLIP_WEIGHTS).stat().st_size,
+        "bytes": (args.out / small.SMALL_CLIP_WEIGHTS).stat().st_size,
         "command": command,
         "seed": args.seed,
         "steps": args.steps,

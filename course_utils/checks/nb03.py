@@ -14,7 +14,7 @@ from .. import detector as ref
 from . import Case, run_exercise
 from ._modules import check_module
 
-EXERCISES = ["3.1 ProposalEncoder", "3.2 TextEncoder", "3.3a AlignmentHead", "3.3b alignment_loss",
+EXERCISES = ["3.1 ProposalEncoder", "3.2 QueryEncoder", "3.3a AlignmentHead", "3.3b alignment_loss",
              "3.4 score_proposals"]
 
 
@@ -43,11 +43,11 @@ def check_proposal_encoder(cls: type) -> type:
     return check_module(EXERCISES[0], cls, ref.ProposalEncoder, cases, hidden)
 
 
-def check_text_encoder(cls: type) -> type:
-    """Exercise 3.2: ``TextEncoder(vocab_size, embed_dim, num_heads, num_layers, ff_dim, max_len)``
+def check_query_encoder(cls: type) -> type:
+    """Exercise 3.2: ``QueryEncoder(vocab_size, embed_dim, num_heads, num_layers, ff_dim, max_len)``
     with ``token_embed``, ``pos_embed``, ``enc_token`` and ``encoder``;
     ``forward(ids (B, L), padding_mask (B, L)) -> (B, embed_dim)`` unit vectors from ⟨ENC⟩."""
-    vocab = ref.Vocabulary()
+    vocab = ref.QueryVocabulary()
     kw = dict(vocab_size=len(vocab), embed_dim=16, num_heads=2, num_layers=1, ff_dim=32, max_len=16)
     q = vocab.encode
     cases = [
@@ -56,7 +56,7 @@ def check_text_encoder(cls: type) -> type:
         ("two layers, four heads", dict(kw, num_layers=2, num_heads=4), q(["all the objects", "circles"])),
     ]
     hidden = [(dict(kw, embed_dim=8), q(["show me the blue circles", "red", "where are the green shapes"]))]
-    return check_module(EXERCISES[1], cls, ref.TextEncoder, cases, hidden, atol=1e-4)
+    return check_module(EXERCISES[1], cls, ref.QueryEncoder, cases, hidden, atol=1e-4)
 
 
 def check_alignment(cls: type, loss_fn: Callable) -> tuple[type, Callable]:

@@ -1,4 +1,8 @@
-"""Checks for notebook 05 (query-agnostic retrieval with an object prior)."""
+"""Checks for notebook 05 (query-agnostic retrieval with an object prior).
+
+Each ``check_*`` runs the student's function on printed and hidden cases against the reference
+in :mod:`course_utils.query_agnostic` and returns the function the rest of the notebook should use.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .. import qaret as ref
+from .. import query_agnostic as ref
 from . import Case, run_exercise
 
 EXERCISES = ["5.1 keep_regions", "5.2 decoder_block", "5.3 contrastive_loss"]

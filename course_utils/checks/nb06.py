@@ -1,7 +1,7 @@
 """Checks for notebook 06 (CLIP word spotting on SVT, seed 004 §2.2-2.3).
 
 Each ``check_*`` runs the student's function on printed and hidden cases against the reference
-in :mod:`course_utils.clip_svt` and returns the function the rest of the notebook should use.
+in :mod:`course_utils.clip.wordspotting` and returns the function the rest of the notebook should use.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import clip_svt as ref
+from ..clip import wordspotting as ref
 from . import Case, compare, hide_values, run_exercise
 
-EXERCISES = ["6.1 probability_matrix", "6.2 soft_confusion", "6.3 similarity_entropy"]
+EXERCISES = ["6.1 word_image_probabilities", "6.2 soft_confusion", "6.3 normalised_similarity_entropy"]
 
 _COUNT_KEYS = ("tp", "tn", "fp", "fn")
 
@@ -32,8 +32,8 @@ def _random_PY(g: torch.Generator, n: int, m: int, k: int, scale: float = 20.0) 
     return P, Y
 
 
-def check_probability_matrix(fn: Callable) -> Callable:
-    """Exercise 6.1: ``probability_matrix(image_emb (n, d), text_emb (m, d), logit_scale) -> P (n, m)``."""
+def check_word_image_probabilities(fn: Callable) -> Callable:
+    """Exercise 6.1: ``word_image_probabilities(image_emb (n, d), text_emb (m, d), logit_scale) -> P (n, m)``."""
     g = torch.Generator().manual_seed(601)
     two = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     e = torch.tensor(1.0).exp().item()
@@ -85,8 +85,8 @@ def check_soft_confusion(fn: Callable) -> Callable:
     return run_exercise(EXERCISES[1], fn, ref.soft_confusion, cases, hidden)
 
 
-def check_similarity_entropy(fn: Callable) -> Callable:
-    """Exercise 6.3: Eq. 2.3.15, ``similarity_entropy(P (n, m), Y (n, m) bool) -> (n,)`` float,
+def check_normalised_similarity_entropy(fn: Callable) -> Callable:
+    """Exercise 6.3: Eq. 2.3.15, ``normalised_similarity_entropy(P (n, m), Y (n, m) bool) -> (n,)`` float,
     NaN where an image has fewer than two positive words."""
     g = torch.Generator().manual_seed(603)
     uniform = torch.full((1, 4), 0.25)
@@ -104,4 +104,4 @@ def check_similarity_entropy(fn: Callable) -> Callable:
     return run_exercise(EXERCISES[2], fn, ref.normalised_similarity_entropy, cases, hidden, atol=1e-5, rtol=1e-4)
 
 
-__all__ = ["EXERCISES", "check_probability_matrix", "check_soft_confusion", "check_similarity_entropy"]
+__all__ = ["EXERCISES", "check_word_image_probabilities", "check_soft_confusion", "check_normalised_similarity_entropy"]

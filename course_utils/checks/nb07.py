@@ -1,7 +1,7 @@
 """Checks for notebook 07 (fine-tuning CLIP on SVT, seed 004 §2.4.2, Algorithm 1).
 
-7.1 compares the student's loss with :func:`course_utils.clip_svt.clip_contrastive_loss`;
-7.2 runs the student's training step and the reference :func:`course_utils.svt_finetune.training_step`
+7.1 compares the student's loss with :func:`course_utils.clip.finetune.clip_contrastive_loss`;
+7.2 runs the student's training step and the reference :func:`course_utils.clip.finetune.training_step`
 on two identical copies of a tiny CLIP-shaped model and compares the returned losses and the
 parameters after the update.
 """
@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import clip_svt as ref
-from .. import svt_finetune as ref_ft
-from . import Case, compare, hide_values, is_package_code, run_exercise
+from ..clip import finetune as ref
+from . import RESULTS, Case, compare, hide_values, is_package_code, run_exercise
 
-EXERCISES = ["7.1 contrastive_loss", "7.2 training_step"]
+EXERCISES = ["7.1 clip_contrastive_loss", "7.2 training_step"]
 
 _LOSS_KEYS = ("loss", "loss_image", "loss_text")
 
@@ -43,8 +42,8 @@ def _compare_losses(got, expected) -> str | None:
     return None
 
 
-def check_contrastive_loss(fn: Callable) -> Callable:
-    """Exercise 7.1: ``contrastive_loss(image_emb (B, d), text_emb (B, d), logit_scale)
+def check_clip_contrastive_loss(fn: Callable) -> Callable:
+    """Exercise 7.1: ``clip_contrastive_loss(image_emb (B, d), text_emb (B, d), logit_scale)
     -> {"loss", "loss_image", "loss_text"}`` (scalar tensors, Eq. 2.4.1-2.4.2)."""
     g = torch.Generator().manual_seed(701)
     eye = torch.eye(3)
@@ -132,15 +131,13 @@ def check_training_step(fn: Callable) -> Callable:
     hidden = [Case("h", (0, 16, 3e-3, 0.2), compare=hide_values(_compare_step)),
               Case("h", (0, 5, 1e-1, 0.0), compare=hide_values(_compare_step))]
     # the cases build fresh models, so the check runs wrappers; what it hands back is the function
-    run_exercise(EXERCISES[1], _run_step(fn), _run_step(ref_ft.training_step), cases, hidden,
-                 uses_reference=fn is ref_ft.training_step or is_package_code(fn))
-    return fn if _passed(EXERCISES[1]) else ref_ft.training_step
+    run_exercise(EXERCISES[1], _run_step(fn), _run_step(ref.training_step), cases, hidden,
+                 uses_reference=fn is ref.training_step or is_package_code(fn))
+    return fn if _passed(EXERCISES[1]) else ref.training_step
 
 
 def _passed(exercise: str) -> bool:
-    from . import RESULTS
-
     return bool(RESULTS.get(exercise) and RESULTS[exercise].passed)
 
 
-__all__ = ["EXERCISES", "ToyClip", "check_contrastive_loss", "check_training_step"]
+__all__ = ["EXERCISES", "ToyClip", "check_clip_contrastive_loss", "check_training_step"]

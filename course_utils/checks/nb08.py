@@ -1,7 +1,7 @@
 """Checks for notebook 08 (ODITS, seed 004 Ch. 3).
 
 Each ``check_*`` runs the student's function on printed and hidden cases against the reference
-in :mod:`course_utils.odits` and returns the function the rest of the notebook should use.
+in :mod:`course_utils.clip.odits` and returns the function the rest of the notebook should use.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import odits as ref
+from ..clip import odits as ref
 from . import Case, compare, run_exercise
 
 EXERCISES = ["8.1 similarity_weighted_embeddings", "8.2 object_self_attention", "8.3 init_new_layers_"]

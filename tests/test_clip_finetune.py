@@ -1,4 +1,4 @@
-"""Tests of course_utils.svt_finetune: Algorithm 1's step, resumable fine-tuning, Table 2.6 rows.
+"""Tests of course_utils.clip.finetune and recipes.clip_finetune: Algorithm 1's step, resumable fine-tuning, Table 2.6 rows.
 
 A randomly initialised small CLIP and in-memory tensors keep every test offline and fast.
 """
@@ -10,9 +10,13 @@ import math
 import pytest
 import torch
 
-from course_utils import clip_svt as cs
-from course_utils import svt_finetune as sf
-from course_utils.train import list_checkpoints
+from course_utils.cache import run_dir
+from course_utils.checkpoints import list_checkpoints
+from course_utils.clip import data as svt_data
+from course_utils.clip import evaluation, loading, small
+from course_utils.clip import finetune as ft
+from course_utils.clip import wordspotting as ws
+from course_utils.recipes import clip_finetune as cf
 
 WORDS = ["JOINT", "JOHNS", "JONES", "CAFE", "HOTEL", "BAR", "INN", "DELI"]
 
@@ -40,7 +44,7 @@ class _Pairs(torch.utils.data.Dataset):
     def __init__(self) -> None:
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(len(WORDS), 3, 32, 128, generator=g)
-        self.tokens = cs._small_tokenizer()(WORDS)
+        self.tokens = small.small_clip_tokenizer()(WORDS)
 
     def __len__(self) -> int:
         return len(WORDS)
@@ -50,14 +54,14 @@ class _Pairs(torch.utils.data.Dataset):
 
 
 def _model() -> torch.nn.Module:
-    return cs.build_small_clip(seed=0, zero_token_embedding=False)
+    return small.build_small_clip(seed=0, zero_token_embedding=False)
 
 
 def test_training_step_lowers_the_loss_on_a_fixed_batch():
     model, data = _model(), _Pairs()
     batch = (data.x, data.tokens)
-    optimizer = sf.make_optimizer(model, _cfg(ft_lr=1e-4))
-    losses = [sf.training_step(model, batch, optimizer)["loss"] for _ in range(6)]
+    optimizer = ft.finetune_optimizer(model, _cfg(ft_lr=1e-4))
+    losses = [ft.training_step(model, batch, optimizer)["loss"] for _ in range(6)]
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] - 1e-3, losses
 
@@ -65,10 +69,10 @@ def test_training_step_lowers_the_loss_on_a_fixed_batch():
 def test_training_step_returns_the_losses_of_algorithm_1():
     model, data = _model(), _Pairs()
     with torch.no_grad():
-        want = cs.clip_contrastive_loss(model.encode_image(data.x), model.encode_text(data.tokens),
+        want = ft.clip_contrastive_loss(model.encode_image(data.x), model.encode_text(data.tokens),
                                         model.logit_scale.exp())
     before = [p.detach().clone() for p in model.parameters()]
-    got = sf.training_step(model, (data.x, data.tokens), sf.make_optimizer(model, _cfg()))
+    got = ft.training_step(model, (data.x, data.tokens), ft.finetune_optimizer(model, _cfg()))
     assert set(got) == {"loss", "loss_image", "loss_text"}
     for k in got:
         assert got[k] == pytest.approx(float(want[k]), rel=1e-5)
@@ -76,9 +80,9 @@ def test_training_step_returns_the_losses_of_algorithm_1():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "no parameter moved"
 
 
-def test_make_optimizer_uses_table_2_5():
+def test_finetune_optimizer_uses_table_2_5():
     model = _model()
-    opt = sf.make_optimizer(model, _cfg())
+    opt = ft.finetune_optimizer(model, _cfg())
     group = opt.param_groups[0]
     assert isinstance(opt, torch.optim.Adam) and not isinstance(opt, torch.optim.AdamW)
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (5e-5, (0.9, 0.98), 1e-6, 0.2)
@@ -91,23 +95,23 @@ def test_make_optimizer_uses_table_2_5():
 
 def test_the_temperature_learns_at_its_own_rate_and_stops_at_the_cap():
     model, data = _model(), _Pairs()
-    opt = sf.make_optimizer(model, _cfg(ft_logit_scale_lr=0.01))
+    opt = ft.finetune_optimizer(model, _cfg(ft_logit_scale_lr=0.01))
     assert [g["lr"] for g in opt.param_groups] == [5e-5, 0.01]
     start = model.logit_scale.item()
-    sf.training_step(model, (data.x, data.tokens), opt)
+    ft.training_step(model, (data.x, data.tokens), opt)
     assert abs(model.logit_scale.item() - start) == pytest.approx(0.01, rel=0.05)  # Adam's first step: lr
     with torch.no_grad():
         model.logit_scale.fill_(math.log(150.0))  # above CLIP's cap: the next step clamps it first
-    sf.training_step(model, (data.x, data.tokens), opt)
-    assert model.logit_scale.item() <= math.log(cs.MAX_LOGIT_SCALE) + 0.0101
+    ft.training_step(model, (data.x, data.tokens), opt)
+    assert model.logit_scale.item() <= math.log(ft.MAX_LOGIT_SCALE) + 0.0101
 
 
 def test_distinct_pairs_keeps_the_first_pair_of_each_text():
-    tokens = cs._small_tokenizer()(["THE", "INN", "THE", "BAR", "INN", "THE"])
-    assert cs.distinct_pairs(tokens).tolist() == [True, True, False, True, False, False]
-    assert cs.distinct_pairs(tokens[:0]).tolist() == []
+    tokens = small.small_clip_tokenizer()(["THE", "INN", "THE", "BAR", "INN", "THE"])
+    assert ft.distinct_pairs(tokens).tolist() == [True, True, False, True, False, False]
+    assert ft.distinct_pairs(tokens[:0]).tolist() == []
     with pytest.raises(ValueError, match="tokens"):
-        cs.distinct_pairs(tokens[0])
+        ft.distinct_pairs(tokens[0])
 
 
 def test_a_repeated_word_is_not_its_own_negative():
@@ -116,30 +120,30 @@ def test_a_repeated_word_is_not_its_own_negative():
     x = torch.cat([data.x, data.x[:2]])
     tokens = torch.cat([data.tokens, data.tokens[:2]])
     with torch.no_grad():
-        got = cs.contrastive_step(model, (x, tokens))
-        want = cs.clip_contrastive_loss(model.encode_image(data.x), model.encode_text(data.tokens),
+        got = ft.contrastive_step(model, (x, tokens))
+        want = ft.clip_contrastive_loss(model.encode_image(data.x), model.encode_text(data.tokens),
                                         model.logit_scale.exp())
-        naive = cs.clip_contrastive_loss(model.encode_image(x), model.encode_text(tokens), model.logit_scale.exp())
+        naive = ft.clip_contrastive_loss(model.encode_image(x), model.encode_text(tokens), model.logit_scale.exp())
     assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-5)
     assert float(naive["loss"]) != pytest.approx(float(want["loss"]), rel=1e-3)
 
 
 def test_checkpoint_epochs_are_the_thesis_epochs_clipped_to_the_profile():
-    assert sf.checkpoint_epochs(_cfg(ft_epochs=40)) == [1, 2, 3, 4, 5, 7, 20, 40]
-    assert sf.checkpoint_epochs(_cfg(ft_epochs=6)) == [1, 2, 3, 4, 5]
-    assert sf.checkpoint_epochs(_cfg(ft_epochs=1, ft_checkpoints=(1,))) == [1]
+    assert ft.checkpoint_epochs(_cfg(ft_epochs=40)) == [1, 2, 3, 4, 5, 7, 20, 40]
+    assert ft.checkpoint_epochs(_cfg(ft_epochs=6)) == [1, 2, 3, 4, 5]
+    assert ft.checkpoint_epochs(_cfg(ft_epochs=1, ft_checkpoints=(1,))) == [1]
 
 
 def test_finetune_resumes_exactly_and_keeps_the_thesis_checkpoints(tmp_path):
     cfg, data = _cfg(ft_epochs=3, ft_checkpoints=(1, 3)), _Pairs()
     straight = _model()
-    h1 = sf.finetune(straight, data, cfg, tmp_path / "a", progress=False)
+    h1 = ft.finetune(straight, data, cfg, tmp_path / "a", progress=False)
 
     interrupted = _model()
-    sf.finetune(interrupted, data, cfg, tmp_path / "b", progress=False, max_steps=3)  # epoch 1 + 1 step
+    ft.finetune(interrupted, data, cfg, tmp_path / "b", progress=False, max_steps=3)  # epoch 1 + 1 step
     assert sorted(list_checkpoints(tmp_path / "b")) == [1]
     resumed = _model()
-    h2 = sf.finetune(resumed, data, cfg, tmp_path / "b", progress=False)
+    h2 = ft.finetune(resumed, data, cfg, tmp_path / "b", progress=False)
 
     assert h1.numbers() == h2.numbers()
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
@@ -152,48 +156,48 @@ def test_evaluate_and_table_rows_on_synthsvt(tmp_path, monkeypatch):
     monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
     monkeypatch.setenv("COURSE_OFFLINE", "1")
     svt_cfg = dict(n_train=2, n_test=3, image_size=(160, 120), seed=0, lexicon_size=20, max_words=2)
-    data = sf.load_svt_data(svt_cfg, verbose=False)
+    data = svt_data.load_svt_data(svt_cfg, verbose=False)
     assert not data.real and "SynthSVT" in data.source
     assert (len(data.train), len(data.test)) == (2, 3)
     model = _model()
-    bundle = cs.ClipBundle(model, cs.small_clip_preprocess, cs._small_tokenizer(), "small", "test")
-    ev = sf.build_eval_set(data.test, bundle)
+    bundle = loading.ClipBundle(model, small.small_clip_preprocess, small.small_clip_tokenizer(), "small", "test")
+    ev = evaluation.build_eval_set(data.test, bundle)
     assert ev.unit == "crop" and ev.Y.shape == (len(ev.x), len(ev.vocabulary))
     assert ev.Y.sum(1).tolist() == [20] * len(ev.x)  # each row's positives: its 20-word lexicon
-    m = sf.evaluate(model, ev)
+    m = evaluation.evaluate_word_spotting(model, ev)
     for k in ("accuracy", "precision", "recall", "f1", "entropy", "lexicon50_top1"):
         assert 0.0 <= m[k] <= 1.0, (k, m[k])
 
-    train_set = sf.pair_dataset(data.train, bundle)
+    train_set = ft.pair_dataset(data.train, bundle)
     assert len(train_set) == data.train.n_words
-    padded = sf.pair_dataset(data.train, bundle, pads=(0.0, 0.1, 0.2))
+    padded = ft.pair_dataset(data.train, bundle, pads=(0.0, 0.1, 0.2))
     assert len(padded) == 3 * data.train.n_words
     assert torch.equal(padded.x[: len(train_set)], train_set.x)  # pad 0 first: the plain crops
     assert not torch.equal(padded.x[len(train_set):2 * len(train_set)], train_set.x)
     assert padded.texts == 3 * train_set.texts
     cfg = _cfg(ft_epochs=2, ft_checkpoints=(1, 2), ft_batch_size=8)
-    sf.finetune(model, train_set, cfg, tmp_path / "run", progress=False)
-    rows = sf.evaluate_checkpoints(model, ev, tmp_path / "run", [1, 2], zero_shot=m, verbose=False)
+    ft.finetune(model, train_set, cfg, tmp_path / "run", progress=False)
+    rows = cf.evaluate_checkpoints(model, ev, tmp_path / "run", [1, 2], zero_shot=m, verbose=False)
     assert [r["epoch"] for r in rows] == [0, 1, 2]
-    assert set(rows[0]) == {"epoch", *sf.TABLE_COLUMNS, "logit_scale", "precision_at_zero_shot_scale"}
+    assert set(rows[0]) == {"epoch", *ws.TABLE_COLUMNS, "logit_scale", "precision_at_zero_shot_scale"}
     assert rows[0]["precision_at_zero_shot_scale"] == rows[0]["precision"]
     # at its own temperature a checkpoint's precision is the one evaluate() reports
-    again = sf.evaluate(model, ev, reference_scale=rows[-1]["logit_scale"])
+    again = evaluation.evaluate_word_spotting(model, ev, reference_scale=rows[-1]["logit_scale"])
     assert again["precision_at_reference_scale"] == pytest.approx(rows[-1]["precision"], rel=1e-9)
 
 
 def test_best_by_precision_ignores_zero_shot_and_prefers_the_earlier_tie():
     rows = [{"epoch": 0, "precision": 0.9}, {"epoch": 1, "precision": 0.3},
             {"epoch": 2, "precision": 0.5}, {"epoch": 5, "precision": 0.5}]
-    assert sf.best_by(rows)["epoch"] == 2
-    assert sf.best_by(rows, include_zero_shot=True)["epoch"] == 0
+    assert cf.best_by(rows)["epoch"] == 2
+    assert cf.best_by(rows, include_zero_shot=True)["epoch"] == 0
     with pytest.raises(ValueError):
-        sf.best_by(rows[:1])
+        cf.best_by(rows[:1])
 
 
 def test_table_2_6_is_the_thesis_table():
-    assert sorted(sf.TABLE_2_6) == [0, 1, 2, 3, 4, 5, 7, 20, 40]
-    best = max((e for e in sf.TABLE_2_6 if e), key=lambda e: sf.TABLE_2_6[e]["precision"])
+    assert sorted(ws.TABLE_2_6) == [0, 1, 2, 3, 4, 5, 7, 20, 40]
+    best = max((e for e in ws.TABLE_2_6 if e), key=lambda e: ws.TABLE_2_6[e]["precision"])
     assert best == 20  # §2.4.3: "+20 achieves the highest Precision"
 
 
@@ -207,7 +211,7 @@ def test_nb06_nb07_checks_accept_own_code_and_fall_back_otherwise():
 
     from course_utils import checks
 
-    def probability_matrix(i, t, s):
+    def word_image_probabilities(i, t, s):
         return (s * i @ t.T).softmax(-1)
 
     def soft_confusion(P, Y):
@@ -221,14 +225,14 @@ def test_nb06_nb07_checks_accept_own_code_and_fall_back_otherwise():
         tp, fp = ratios(Y).sum(1), ratios(~Y).sum(1)
         return {"tp": tp, "fn": Y.sum(1) - tp, "fp": fp, "tn": (~Y).sum(1) - fp}
 
-    def contrastive_loss(a, b, s):
+    def clip_contrastive_loss(a, b, s):
         S = s * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
         target = torch.arange(len(S))
         li, lt = F.cross_entropy(S, target), F.cross_entropy(S.T, target)
         return {"loss": (li + lt) / 2, "loss_image": li, "loss_text": lt}
 
     def training_step(model, batch, optimizer):
-        out = contrastive_loss(model.encode_image(batch[0]), model.encode_text(batch[1]), model.logit_scale.exp())
+        out = clip_contrastive_loss(model.encode_image(batch[0]), model.encode_text(batch[1]), model.logit_scale.exp())
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()
@@ -236,31 +240,40 @@ def test_nb06_nb07_checks_accept_own_code_and_fall_back_otherwise():
 
     def no_update(model, batch, optimizer):
         with torch.no_grad():
-            out = contrastive_loss(model.encode_image(batch[0]), model.encode_text(batch[1]), model.logit_scale.exp())
+            out = clip_contrastive_loss(model.encode_image(batch[0]), model.encode_text(batch[1]), model.logit_scale.exp())
         return {k: float(v) for k, v in out.items()}
 
     def unfinished(*args):
         raise NotImplementedError
 
-    assert checks.nb06.check_probability_matrix(probability_matrix) is probability_matrix
+    assert checks.nb06.check_word_image_probabilities(word_image_probabilities) is word_image_probabilities
     assert checks.nb06.check_soft_confusion(soft_confusion) is soft_confusion
-    assert checks.nb06.check_similarity_entropy(unfinished) is cs.normalised_similarity_entropy
-    assert checks.nb07.check_contrastive_loss(contrastive_loss) is contrastive_loss
+    assert checks.nb06.check_normalised_similarity_entropy(unfinished) is ws.normalised_similarity_entropy
+    assert checks.nb07.check_clip_contrastive_loss(clip_contrastive_loss) is clip_contrastive_loss
     assert checks.nb07.check_training_step(training_step) is training_step
-    assert checks.nb07.check_training_step(no_update) is sf.training_step
+    assert checks.nb07.check_training_step(no_update) is ft.training_step
     assert "did not change" in " ".join(checks.RESULTS["7.2 training_step"].messages)
     # the package's own implementation never earns the point
-    assert checks.nb07.check_training_step(sf.training_step) is sf.training_step
+    assert checks.nb07.check_training_step(ft.training_step) is ft.training_step
     assert not checks.RESULTS["7.2 training_step"].passed
-    assert checks.nb06.check_probability_matrix(cs.word_image_probabilities) is cs.word_image_probabilities
-    assert not checks.RESULTS["6.1 probability_matrix"].passed
+    assert checks.nb06.check_word_image_probabilities(ws.word_image_probabilities) is ws.word_image_probabilities
+    assert not checks.RESULTS["6.1 word_image_probabilities"].passed
 
 
-def test_run_dir_names_the_weights_and_the_fine_tuning_knobs():
-    bundle = cs.ClipBundle(_model(), cs.small_clip_preprocess, cs._small_tokenizer(), "small", "test",
-                           {"sha256": "ab" * 32})
-    a = sf.run_dir("cpu", bundle, _cfg())
-    assert a.name.startswith("07_clip_svt_cpu_small_" + "ab" * 6)
-    assert a == sf.run_dir("cpu", bundle, dict(_cfg(), n_train=5))  # not a fine-tuning knob
-    assert a != sf.run_dir("cpu", bundle, _cfg(ft_logit_scale_lr=1e-2))
-    assert a != sf.run_dir("cpu", bundle, _cfg(ft_epochs=4))
+def test_run_dir_names_the_weights_and_the_fine_tuning_knobs(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+    bundle = loading.ClipBundle(_model(), small.small_clip_preprocess, small.small_clip_tokenizer(), "small", "test",
+                                {"sha256": "ab" * 32})
+
+    def folder(b, cfg):
+        return run_dir("07_clip_svt_cpu", cf.finetune_knobs(b, cfg))
+
+    a = folder(bundle, _cfg())
+    assert a.parent == tmp_path / "runs" and a.name.startswith("07_clip_svt_cpu_")
+    assert cf.finetune_knobs(bundle, _cfg())["start"] == "ab" * 6
+    assert a == folder(bundle, dict(_cfg(), n_train=5))  # not a fine-tuning knob
+    assert a != folder(bundle, _cfg(ft_logit_scale_lr=1e-2))
+    assert a != folder(bundle, _cfg(ft_epochs=4))
+    random = loading.ClipBundle(_model(), small.small_clip_preprocess, small.small_clip_tokenizer(), "small", "test",
+                                {"random_init": True})
+    assert a != folder(random, _cfg()) and cf.finetune_knobs(random, _cfg())["start"] == "random"

@@ -1,14 +1,14 @@
 """Execute notebooks in a fresh kernel with a per-cell and a per-notebook time limit.
 
 Used by ``make reproduce`` (every solution notebook, saved back with its outputs) and by the
-grader (:mod:`course_utils.grade`, one student submission at a time).  Each notebook runs in its
+grader (:mod:`course_tools.grade`, one student submission at a time).  Each notebook runs in its
 own ``python3`` kernel started by nbclient.  The per-notebook limit is enforced from outside the
 kernel: a watchdog thread kills the kernel's whole process group when the limit is reached, so an
 endless loop, even one that ignores ``KeyboardInterrupt``, never blocks the caller.
 
 Usage::
 
-    python -m course_utils.nbrun solutions/*.ipynb --profile auto --inplace
+    python -m course_tools.nbrun solutions/*.ipynb --profile auto --inplace
 """
 
 from __future__ import annotations
@@ -241,14 +241,14 @@ def _first_line(text: str) -> str:
 
 
 def _resolve(profile: str) -> str:
-    from .profiles import resolve_profile_name
+    from course_utils.profiles import resolve_profile_name
 
     return resolve_profile_name(profile)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m course_utils.nbrun",
+        prog="python -m course_tools.nbrun",
         description="Execute notebooks, each in a fresh kernel with time limits, and print the "
                     "time each one took.")
     parser.add_argument("notebooks", nargs="+", type=Path, help="notebook files to execute")

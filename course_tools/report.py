@@ -2,12 +2,12 @@
 
 Every benchmark ends with :func:`write_result`, which writes ``benchmarks/results/<name>.json``
 with the numbers, the rows the README shows, the profile and the machine they were measured on.
-``python -m course_utils.report`` rewrites the README table between ``<!-- results:start -->``
+``python -m course_tools.report`` rewrites the README table between ``<!-- results:start -->``
 and ``<!-- results:end -->`` from all those files; ``--check`` only says whether it is current.
 
 Usage::
 
-    from course_utils.report import write_result
+    from course_tools.report import write_result
     write_result("anchors", profile="cpu", metrics={"ratio": 0.8}, paper=None,
                  rows=[{"notebook": "01", "experiment": "labelling vs Matcher",
                         "metric": "time ratio", "ours": 0.8, "paper": None}])
@@ -202,7 +202,7 @@ def update_readme(readme: Path | None = None, results_dir: Path | None = None, *
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m course_utils.report",
+        prog="python -m course_tools.report",
         description="Regenerate the README results table from benchmarks/results/*.json.")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 when the README table is out of date")
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.check:
-        print("README results table is out of date: run `python -m course_utils.report`"
+        print("README results table is out of date: run `python -m course_tools.report`"
               if changed else "README results table is up to date")
         return 1 if changed else 0
     print(f"updated {args.readme}" if changed else f"{args.readme} already up to date")

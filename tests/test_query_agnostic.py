@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from course_utils.captions import Vocabulary, build_captioned
+from course_utils.cache import run_dir
+from course_utils.captions import CaptionedSplit, CaptionVocabulary, build_captioned, make_scene
 from course_utils.checks import nb04, nb05
 from course_utils.matchmap import (
     MatchmapModel,
@@ -14,10 +16,9 @@ from course_utils.matchmap import (
     matchmap_score,
     phrase_spans,
     pointing_game,
-    train_matchmap,
 )
 from course_utils.profiles import get_config
-from course_utils.qaret import (
+from course_utils.query_agnostic import (
     DecoderBlock,
     QueryAgnostic,
     contrastive_loss,
@@ -26,20 +27,23 @@ from course_utils.qaret import (
     keep_regions,
     mean_words,
     score_all,
-    speed_by_gallery_size,
-    speed_table,
-    train_query_agnostic,
 )
+from course_utils.recipes.retrieval import (
+    RetrievalData,
+    query_agnostic_knobs,
+    train_matchmap,
+    train_query_agnostic,
+    variant_config,
+)
+from course_utils.recipes.speed_race import speed_by_gallery_size, speed_table
 from course_utils.scan import (
     SCAN,
     Backbone,
-    RetrievalData,
-    TextEncoder,
+    CaptionEncoder,
     attend,
     l2norm,
     length_mask,
     recall_at_k,
-    variant_config,
 )
 
 
@@ -88,7 +92,7 @@ def test_contrastive_loss_prefers_aligned_pairs():
 def test_query_agnostic_scores_equal_pairwise_dot_products_and_train():
     cfg = get_config("smoke").retrieval
     sp = build_captioned(cfg)["train"]
-    vocab = Vocabulary()
+    vocab = CaptionVocabulary()
     tok, ln = vocab.batch(sp.texts)
     n, k, f = len(sp), 4, 12
     torch.manual_seed(0)
@@ -113,7 +117,7 @@ def test_query_agnostic_scores_equal_pairwise_dot_products_and_train():
 def test_caption_vector_is_the_masked_mean_of_the_padded_words(bidirectional):
     """Pooling on the packed words equals the plain masked mean over SCAN's padded (B, L, d) words."""
     torch.manual_seed(0)
-    enc = TextEncoder(20, 6, 8, bidirectional=bidirectional)
+    enc = CaptionEncoder(20, 6, 8, bidirectional=bidirectional)
     lengths = torch.tensor([3, 7, 1, 7, 5, 2])
     tokens = torch.randint(1, 20, (6, 9)) * length_mask(lengths, 9)
     words = enc(tokens, lengths)                                           # (B, L, d), zero at padding
@@ -196,7 +200,7 @@ def test_phrase_spans():
 def test_matchmap_training_and_pointing_game():
     cfg = get_config("smoke").retrieval
     sp = build_captioned(cfg)["train"]
-    vocab = Vocabulary()
+    vocab = CaptionVocabulary()
     torch.manual_seed(0)
     model = MatchmapModel(Backbone(4), len(vocab), 8, 8)
     before = [p.clone() for p in model.backbone.parameters()]
@@ -215,12 +219,12 @@ def test_matchmap_training_and_pointing_game():
 
 def test_checks_accept_the_reference_and_reject_a_wrong_function(capsys):
     from course_utils import matchmap as mm_ref
-    from course_utils import qaret, scan
+    from course_utils import query_agnostic, scan
 
     assert nb04.check_attend(scan.attend) is scan.attend
     assert nb04.check_matchmap_score(mm_ref.matchmap_score) is mm_ref.matchmap_score
-    assert nb05.check_decoder_block(qaret.decoder_block) is qaret.decoder_block
-    assert nb05.check_keep_regions(qaret.keep_regions) is qaret.keep_regions
+    assert nb05.check_decoder_block(query_agnostic.decoder_block) is query_agnostic.decoder_block
+    assert nb05.check_keep_regions(query_agnostic.keep_regions) is query_agnostic.keep_regions
 
     def no_clip(q, c, lam, context_mask=None):
         return torch.softmax(lam * (q @ c.T), dim=1) @ c
@@ -232,13 +236,13 @@ def test_checks_accept_the_reference_and_reject_a_wrong_function(capsys):
     def not_done(*a, **k):
         raise NotImplementedError
 
-    assert nb05.check_contrastive_loss(not_done) is qaret.contrastive_loss
+    assert nb05.check_contrastive_loss(not_done) is query_agnostic.contrastive_loss
     assert "not implemented yet" in capsys.readouterr().out
     lse, avg = nb04.check_pooling(scan.pool_lse, lambda r, mask=None: r.sum(-1))
     assert lse is scan.pool_lse and avg is scan.pool_avg
     assert nb04.check_triplet_loss(scan.hardest_negative_triplet_loss) is scan.hardest_negative_triplet_loss
     assert nb04.check_recall_at_k(scan.recall_at_k) is scan.recall_at_k
-    assert nb05.check_contrastive_loss(qaret.contrastive_loss) is qaret.contrastive_loss
+    assert nb05.check_contrastive_loss(query_agnostic.contrastive_loss) is query_agnostic.contrastive_loss
 
 
 def test_contrastive_matchmap_loss_matches_its_definition():
@@ -274,7 +278,7 @@ def test_ranking_loss_keeps_the_hardest_sampled_impostor():
 def test_train_matchmap_with_either_loss():
     cfg = get_config("smoke").retrieval
     sp = build_captioned(cfg)["train"]
-    vocab = Vocabulary()
+    vocab = CaptionVocabulary()
     for kind in ("contrastive", "ranking"):
         torch.manual_seed(0)
         model = MatchmapModel(Backbone(4), len(vocab), 8, 8)
@@ -284,3 +288,55 @@ def test_train_matchmap_with_either_loss():
         torch.testing.assert_close(cells.norm(dim=1), torch.ones(1, *cells.shape[2:]))  # cosine matchmaps
     with pytest.raises(ValueError, match="ranking"):
         train_matchmap(model, sp, vocab, epochs=1, loss="hinge")
+
+
+def test_train_matchmap_reads_the_captions_of_each_image_from_the_split(tmp_path):
+    """Images with 2 captions each: every training pair must be an image with one of its own."""
+    cfg = get_config("smoke").retrieval
+    scenes = [make_scene(k, np.random.default_rng([0, k]), int(cfg["image_size"]), int(cfg["min_objects"]),
+                         int(cfg["max_objects"]), tuple(cfg["small_size"]), tuple(cfg["large_size"]), n_captions=2)
+              for k in range(12)]
+    sp = CaptionedSplit(scenes)
+    assert [list(sp.caption_range(i)) for i in (0, 5)] == [[0, 1], [10, 11]]
+    assert all(int(sp.cap_to_img[c]) == i for i in range(len(sp)) for c in sp.caption_range(i))
+    vocab = CaptionVocabulary()
+    torch.manual_seed(0)
+    model = MatchmapModel(Backbone(4), len(vocab), 8, 8)
+    seen_images, seen_tokens = [], []
+    cells, words = model.cells, model.words
+
+    def spy_cells(images):
+        seen_images.append(images.clone())
+        return cells(images)
+
+    def spy_words(tokens, lengths):
+        seen_tokens.append(tokens.clone())
+        return words(tokens, lengths)
+
+    model.cells, model.words = spy_cells, spy_words
+    losses = train_matchmap(model, sp, vocab, epochs=1, batch_size=4)
+    assert len(losses) == 1 and losses[0] > 0
+    rendered = torch.stack([torch.from_numpy(sp.image(i).copy()).permute(2, 0, 1).float() / 255 for i in range(len(sp))])
+    tokens, _ = vocab.batch(sp.texts)
+    pairs = 0
+    for images, toks in zip(seen_images, seen_tokens):
+        for img, tok in zip(images, toks):
+            i = next(i for i in range(len(sp)) if torch.equal(rendered[i], img))
+            own = [tokens[c][tokens[c] > 0].tolist() for c in sp.caption_range(i)]
+            assert tok[tok > 0].tolist() in own, f"image {i} was paired with a caption of another image"
+            pairs += 1
+    assert pairs == len(sp)
+    with pytest.raises(ValueError, match="no caption"):
+        train_matchmap(model, CaptionedSplit(scenes[:2] + [make_scene(99, np.random.default_rng(9), 48, 1, 2,
+                                                                      (6, 9), (12, 16), n_captions=0)]),
+                       vocab, epochs=1)
+
+
+def test_query_agnostic_checkpoints_depend_on_its_own_knobs(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+    cfg = dict(get_config("smoke").retrieval)
+    root = run_dir("05_query_agnostic", query_agnostic_knobs(cfg, 0))
+    assert root.parent == tmp_path / "runs" and root.name.startswith("05_query_agnostic_")
+    for knob, value in (("qa_lr", 0.5), ("qa_epochs", 7), ("qa_alpha", 0.3), ("k_fine", 5)):
+        assert run_dir("05_query_agnostic", query_agnostic_knobs(dict(cfg, **{knob: value}), 0)) != root, knob
+    assert run_dir("05_query_agnostic", query_agnostic_knobs(cfg, 1)) != root

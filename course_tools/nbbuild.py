@@ -17,8 +17,8 @@ an earlier badge) stands.  Output is deterministic: building twice gives identic
 
 Usage::
 
-    python -m course_utils.nbbuild            # (re)write notebooks/ and canonicalise solutions/
-    python -m course_utils.nbbuild --check    # exit 1 and list the files that would change
+    python -m course_tools.nbbuild            # (re)write notebooks/ and canonicalise solutions/
+    python -m course_tools.nbbuild --check    # exit 1 and list the files that would change
 """
 
 from __future__ import annotations
@@ -356,19 +356,19 @@ def build(root: Path, *, check: bool = False) -> list[Path]:
 
 
 def default_root() -> Path:
-    """The repository root: the folder that holds the ``course_utils`` package."""
+    """The repository root: the folder that holds this package (and ``course_utils``)."""
     return Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m course_utils.nbbuild",
+        prog="python -m course_tools.nbbuild",
         description="Write the student notebooks notebooks/NN_*.ipynb from solutions/NN_*.ipynb "
                     "(exercise blocks replaced, outputs cleared, Colab badge and bootstrap cell).")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 listing the files that are not up to date")
     parser.add_argument("--root", type=Path, default=default_root(),
-                        help="repository root (default: the checkout holding course_utils)")
+                        help="repository root (default: the checkout holding course_tools)")
     args = parser.parse_args(argv)
     try:
         changed = build(args.root, check=args.check)

@@ -13,7 +13,7 @@ feedback text built from the checks' messages and, when the notebook failed, the
 
 Usage::
 
-    python -m course_utils.grade submissions/ --notebook 01 --out grades.csv
+    python -m course_tools.grade submissions/ --notebook 01 --out grades.csv
 
 CSV columns: ``student`` (file name without ``.ipynb``), ``notebook``, ``status`` (``ok``: ran
 to the end without error; ``error``: a cell raised; ``timeout``: a cell or the whole notebook
@@ -359,7 +359,7 @@ def _relative(path: Path, base: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m course_utils.grade",
+        prog="python -m course_tools.grade",
         description="Grade a folder of submitted notebooks: each runs on a copy, in a fresh kernel "
                     "with time limits; writes a CSV row per submission (as it goes) and a "
                     "feedback text per student.",

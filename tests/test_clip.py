@@ -1,4 +1,4 @@
-"""Tests of course_utils.clip_svt: metrics against hand computations, the loss, the small CLIP."""
+"""Tests of course_utils.clip: word-spotting metrics against hand computations, the loss, the small CLIP, loading."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from course_utils import clip_svt as cs
+from course_utils import registry
+from course_utils.clip import finetune as ft
+from course_utils.clip import loading, small
+from course_utils.clip import wordspotting as ws
 
 # two images, four words; hand-made so every number below can be checked on paper
 P2 = torch.tensor([[0.5, 0.3, 0.1, 0.1],
@@ -26,7 +29,7 @@ Y2 = torch.tensor([[True, True, False, False],
 
 
 def test_soft_confusion_by_hand():
-    c = cs.soft_confusion(P2, Y2)
+    c = ws.soft_confusion(P2, Y2)
     # image 0: positives 0.5, 0.3 -> ratios 1, 0.6; negatives 0.1, 0.1 -> ratios 1, 1
     # image 1: positive 0.1 -> ratio 1; negatives 0.2, 0.4, 0.3 -> ratios .5, 1, .75
     torch.testing.assert_close(c["tp"], torch.tensor([1.6, 1.0], dtype=torch.float64))
@@ -39,14 +42,14 @@ def test_soft_confusion_edge_cases():
     # no positives at all in row 0; all-zero negatives in row 1
     P = torch.tensor([[0.2, 0.8], [1.0, 0.0]])
     Y = torch.tensor([[False, False], [True, False]])
-    c = cs.soft_confusion(P, Y)
+    c = ws.soft_confusion(P, Y)
     assert c["tp"].tolist() == [0.0, 1.0] and c["fn"].tolist() == [0.0, 0.0]
     assert c["fp"].tolist() == pytest.approx([1.25, 0.0]) and c["tn"].tolist() == pytest.approx([0.75, 1.0])
 
 
 def test_classification_metrics_macro_and_micro_by_hand():
-    c = cs.soft_confusion(P2, Y2)
-    m = cs.classification_metrics(c, average="macro")
+    c = ws.soft_confusion(P2, Y2)
+    m = ws.classification_metrics(c, average="macro")
     acc = [(1.6 + 0) / 4, (1 + 0.75) / 4]
     prec = [1.6 / 3.6, 1 / 3.25]
     rec = [0.8, 1.0]
@@ -55,18 +58,18 @@ def test_classification_metrics_macro_and_micro_by_hand():
     assert m["precision"] == pytest.approx(np.mean(prec))
     assert m["recall"] == pytest.approx(np.mean(rec))
     assert m["f1"] == pytest.approx(np.mean(f1))
-    mi = cs.classification_metrics(c, average="micro")
+    mi = ws.classification_metrics(c, average="micro")
     tp, tn, fp, fn = 2.6, 0.75, 4.25, 0.4
     assert mi["accuracy"] == pytest.approx((tp + tn) / 8)
     assert mi["precision"] == pytest.approx(tp / (tp + fp))
     assert mi["recall"] == pytest.approx(tp / (tp + fn))
     with pytest.raises(ValueError, match="average='weighted'"):
-        cs.classification_metrics(c, average="weighted")
+        ws.classification_metrics(c, average="weighted")
 
 
 def test_classification_metrics_zero_division_is_zero():
     zero = torch.zeros(1, dtype=torch.float64)
-    m = cs.classification_metrics({"tp": zero, "fp": zero, "fn": zero + 1, "tn": zero + 3})
+    m = ws.classification_metrics({"tp": zero, "fp": zero, "fn": zero + 1, "tn": zero + 3})
     assert m == {"accuracy": 0.75, "precision": 0.0, "recall": 0.0, "f1": 0.0}
 
 
@@ -92,7 +95,7 @@ def test_youden_thresholds_maximise_j():
     Y = torch.rand(40, 6, generator=g) < 0.3
     Y[:, 4] = False  # a word nobody has
     Y[:, 5] = True  # a word everybody has
-    th = cs.youden_thresholds(P, Y)
+    th = ws.youden_thresholds(P, Y)
     assert th.shape == (6,) and th[4] == math.inf and th[5] == -math.inf
     Pn, Yn = P.numpy(), Y.numpy()
     for j in range(4):
@@ -103,19 +106,19 @@ def test_youden_thresholds_maximise_j():
 
 def test_threshold_confusion_by_hand():
     th = torch.tensor([0.3, 0.25, 0.35, 0.5])
-    c = cs.threshold_confusion(P2, Y2, th)
+    c = ws.threshold_confusion(P2, Y2, th)
     # image 0 predicts words {0, 1}; image 1 predicts word {2}
     assert c["tp"].tolist() == [2, 0] and c["fn"].tolist() == [0, 1]
     assert c["fp"].tolist() == [0, 1] and c["tn"].tolist() == [2, 2]
     with pytest.raises(ValueError, match=r"thresholds: expected shape \(4,\)"):
-        cs.threshold_confusion(P2, Y2, th[:3])
+        ws.threshold_confusion(P2, Y2, th[:3])
 
 
 def test_separable_scores_give_perfect_threshold_metrics():
     Y = torch.eye(5, dtype=torch.bool)
     P = torch.where(Y, 0.6, 0.1).double()
-    c = cs.threshold_confusion(P, Y, cs.youden_thresholds(P, Y))
-    assert cs.classification_metrics(c) == {"accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0}
+    c = ws.threshold_confusion(P, Y, ws.youden_thresholds(P, Y))
+    assert ws.classification_metrics(c) == {"accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,7 +129,7 @@ def test_separable_scores_give_perfect_threshold_metrics():
 def test_normalised_similarity_entropy_by_hand():
     P = torch.tensor([[0.3, 0.1, 0.6], [0.2, 0.2, 0.6], [0.9, 0.05, 0.05], [0.1, 0.0, 0.9]])
     Y = torch.tensor([[True, True, False], [True, True, False], [True, False, False], [True, True, False]])
-    e = cs.normalised_similarity_entropy(P, Y)
+    e = ws.normalised_similarity_entropy(P, Y)
     h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / math.log(2)
     assert e[0].item() == pytest.approx(h)  # 0.811
     assert e[1].item() == pytest.approx(1.0)  # uniform over the positives
@@ -137,7 +140,7 @@ def test_normalised_similarity_entropy_by_hand():
 def test_entropy_base_is_the_number_of_positives():
     Y = torch.tensor([[True] * 4 + [False] * 2])
     P = torch.tensor([[0.1, 0.1, 0.1, 0.1, 0.3, 0.3]])
-    assert cs.normalised_similarity_entropy(P, Y).item() == pytest.approx(1.0)
+    assert ws.normalised_similarity_entropy(P, Y).item() == pytest.approx(1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,37 +155,37 @@ def _unit(*rows):
 def test_word_image_probabilities_is_a_row_softmax():
     img = _unit([1, 0], [0, 1], [1, 1])
     txt = _unit([1, 0], [0, 1], [-1, 0])
-    P = cs.word_image_probabilities(img, txt, logit_scale=10.0)
+    P = ws.word_image_probabilities(img, txt, logit_scale=10.0)
     assert P.shape == (3, 3)
     torch.testing.assert_close(P.sum(1), torch.ones(3))
     torch.testing.assert_close(P[0], torch.softmax(torch.tensor([10.0, 0.0, -10.0]), 0))
     assert P[1].argmax() == 1
     with pytest.raises(ValueError, match=r"image_emb \(3, 2\) and text_emb \(2, 3\)"):
-        cs.word_image_probabilities(img, torch.zeros(2, 3))
+        ws.word_image_probabilities(img, torch.zeros(2, 3))
 
 
 def test_lexicon_probabilities_are_zero_outside_the_lexicon():
     img = _unit([1, 0], [0, 1])
     txt = _unit([1, 0], [0, 1], [1, 1])
     mask = torch.tensor([[False, True, True], [True, True, True]])
-    P = cs.lexicon_probabilities(img, txt, mask, logit_scale=5.0)
+    P = ws.lexicon_probabilities(img, txt, mask, logit_scale=5.0)
     assert P[0, 0] == 0
     torch.testing.assert_close(P.sum(1), torch.ones(2))
     s = 5.0 * (img[0] @ txt[1:].T)
     torch.testing.assert_close(P[0, 1:], s.softmax(0))
     with pytest.raises(ValueError, match="image 0 has an empty lexicon"):
-        cs.lexicon_probabilities(img, txt, torch.tensor([[False] * 3, [True] * 3]))
+        ws.lexicon_probabilities(img, txt, torch.tensor([[False] * 3, [True] * 3]))
     with pytest.raises(ValueError, match="expected a bool tensor of shape"):
-        cs.lexicon_probabilities(img, txt, mask.float())
+        ws.lexicon_probabilities(img, txt, mask.float())
 
 
 def test_positives_matrix_and_top_k():
     vocab = ["BAR", "CAFE", "INC", "JOINT"]
-    Y = cs.positives_matrix([["JOINT", "BAR"], []], vocab)
+    Y = ws.positives_matrix([["JOINT", "BAR"], []], vocab)
     assert Y.tolist() == [[True, False, False, True], [False] * 4]
     with pytest.raises(KeyError, match=r"image 1: words \['PUB'\]"):
-        cs.positives_matrix([["BAR"], ["PUB"]], vocab)
-    top = cs.top_k_words(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), vocab, k=2)
+        ws.positives_matrix([["BAR"], ["PUB"]], vocab)
+    top = ws.top_k_words(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), vocab, k=2)
     assert [w for w, _ in top[0]] == ["JOINT", "INC"] and top[0][0][1] == pytest.approx(0.4)
 
 
@@ -192,10 +195,10 @@ def test_lexicon_top1_accuracy_by_hand():
     img = _unit([1, 0.2, 0], [0.9, 1, 0], [0, 0, 1])
     # crop 0 -> A (right); crop 1 -> B overall, but B is not in its lexicon -> A (wrong, truth C);
     # crop 2 -> C (right)
-    acc = cs.lexicon_top1_accuracy(img, txt, vocab, [["A", "B"], ["A", "C"], ["B", "C"]], ["A", "C", "C"])
+    acc = ws.lexicon_top1_accuracy(img, txt, vocab, [["A", "B"], ["A", "C"], ["B", "C"]], ["A", "C", "C"])
     assert acc == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="3 crops, 2 lexicons"):
-        cs.lexicon_top1_accuracy(img, txt, vocab, [["A"], ["B"]], ["A", "B", "C"])
+        ws.lexicon_top1_accuracy(img, txt, vocab, [["A"], ["B"]], ["A", "B", "C"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +209,7 @@ def test_lexicon_top1_accuracy_by_hand():
 def test_contrastive_loss_matches_the_formula():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
-    out = cs.clip_contrastive_loss(a, b, 7.0)
+    out = ft.clip_contrastive_loss(a, b, 7.0)
     va, vb = F.normalize(a, dim=1), F.normalize(b, dim=1)
     S = 7.0 * va @ vb.T
     li = -sum(S[i, i] - torch.logsumexp(S[i, :], 0) for i in range(5)) / 5
@@ -222,14 +225,14 @@ def test_contrastive_loss_matches_the_formula():
 
 def test_contrastive_loss_extremes_and_shapes():
     e = torch.eye(4)
-    assert cs.clip_contrastive_loss(e, e, 100.0)["loss"].item() < 1e-6
+    assert ft.clip_contrastive_loss(e, e, 100.0)["loss"].item() < 1e-6
     same = torch.ones(4, 3)
-    assert cs.clip_contrastive_loss(same, same, 10.0)["loss"].item() == pytest.approx(math.log(4), rel=1e-5)
+    assert ft.clip_contrastive_loss(same, same, 10.0)["loss"].item() == pytest.approx(math.log(4), rel=1e-5)
     scale = torch.tensor(3.0, requires_grad=True)
-    cs.clip_contrastive_loss(torch.randn(4, 3), torch.randn(4, 3), scale)["loss"].backward()
+    ft.clip_contrastive_loss(torch.randn(4, 3), torch.randn(4, 3), scale)["loss"].backward()
     assert scale.grad is not None
     with pytest.raises(ValueError, match=r"\(4, 3\) and \(3, 3\)"):
-        cs.clip_contrastive_loss(torch.randn(4, 3), torch.randn(3, 3), 1.0)
+        ft.clip_contrastive_loss(torch.randn(4, 3), torch.randn(3, 3), 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,53 +244,72 @@ def test_contrastive_loss_extremes_and_shapes():
 def small_dir(tmp_path_factory):
     """A small CLIP with a few non-zero token rows saved like the shipped one."""
     d = tmp_path_factory.mktemp("small_clip")
-    model = cs.build_small_clip(seed=3)
+    model = small.build_small_clip(seed=3)
     with torch.no_grad():
         model.token_embedding.weight[[5, 700, 49407]] = torch.randn(3, 128)
-    sha = cs.save_small_clip(model, d / cs.SMALL_CLIP_WEIGHTS)
+    sha = small.save_small_clip(model, d / small.SMALL_CLIP_WEIGHTS)
     (d / "manifest.json").write_text(json.dumps({"sha256": sha, "final_metrics": {"lexicon50_top1_synthsvt_test": 0.5}}))
     return d, model, sha
 
 
 def test_build_small_clip_is_seeded_and_starts_with_a_zero_token_table():
-    a, b = cs.build_small_clip(seed=0), cs.build_small_clip(seed=0)
+    a, b = small.build_small_clip(seed=0), small.build_small_clip(seed=0)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert not torch.equal(a.visual.proj, cs.build_small_clip(seed=1).visual.proj)
+    assert not torch.equal(a.visual.proj, small.build_small_clip(seed=1).visual.proj)
     assert a.token_embedding.weight.abs().sum() == 0
-    x = torch.randn(2, 3, *cs.SMALL_CLIP_IMAGE_SIZE)
+    x = torch.randn(2, 3, *small.SMALL_CLIP_IMAGE_SIZE)
     assert a.encode_image(x).shape == (2, 128)
 
 
 def test_save_and_load_round_trip_and_same_bytes(small_dir, tmp_path):
     d, model, sha = small_dir
-    state = cs.load_small_clip_state(d / cs.SMALL_CLIP_WEIGHTS)
+    state = small.load_small_clip_state(d / small.SMALL_CLIP_WEIGHTS)
     for k, v in model.state_dict().items():
         assert torch.equal(state[k], v), k
-    assert cs.save_small_clip(model, tmp_path / "again.safetensors") == sha == cs.file_sha256(d / cs.SMALL_CLIP_WEIGHTS)
+    assert small.save_small_clip(model, tmp_path / "again.safetensors") == sha == small.file_sha256(d / small.SMALL_CLIP_WEIGHTS)
     # sparse storage: the file is far smaller than the 49408x128 float table (25 MB)
-    assert (d / cs.SMALL_CLIP_WEIGHTS).stat().st_size < 10_000_000
+    assert (d / small.SMALL_CLIP_WEIGHTS).stat().st_size < 10_000_000
 
 
 def test_load_clip_small_and_offline_fallback(small_dir, monkeypatch, capsys):
     d, model, sha = small_dir
-    bundle = cs.load_clip("small", weights_dir=d)
+    bundle = loading.load_clip("small", weights_dir=d)
     out = capsys.readouterr().out
     assert "course small CLIP" in out and sha[:12] in out and "50.0%" in out
     assert bundle.kind == "small" and bundle.info["sha256"] == sha
-    monkeypatch.setattr(cs, "_online", lambda *a, **k: False)
-    monkeypatch.setattr(cs, "_hf_cache_has_vit_b32", lambda: False)
-    bundle = cs.load_clip("full", weights_dir=d)
+    # COURSE_OFFLINE=1 (the tests' setting): no cached ViT-B/32, so the small CLIP, said once
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    monkeypatch.setattr(loading, "open_clip_pretrained_available", lambda *a, **k: False)
+    bundle = loading.load_clip("full", weights_dir=d)
+    out = capsys.readouterr().out
+    assert "ViT-B/32 unavailable (COURSE_OFFLINE=1 is set and no cached download)" in out and bundle.kind == "small"
+    # network allowed but the hub does not answer: the probe says so, no download is attempted
+    monkeypatch.delenv("COURSE_OFFLINE")
+    probed = []
+
+    def refuse(address, timeout=None):
+        probed.append(address)
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(registry.socket, "create_connection", refuse)
+    monkeypatch.setattr(loading.open_clip, "create_model_and_transforms",
+                        lambda *a, **k: pytest.fail("tried to download ViT-B/32 without a network"))
+    bundle = loading.load_clip("full", weights_dir=d)
     out = capsys.readouterr().out
     assert "ViT-B/32 unavailable (no network and no cached download)" in out and bundle.kind == "small"
+    assert probed == [(loading.HF_HOST, 443)]
     with pytest.raises(ValueError, match="kind='tiny'"):
-        cs.load_clip("tiny")
+        loading.load_clip("tiny")
     with pytest.raises(FileNotFoundError, match="pretrain_small_clip.py"):
-        cs.load_clip("small", weights_dir=d / "nowhere")
+        loading.load_clip("small", weights_dir=d / "nowhere", random_if_missing=False)
+    random = loading.load_clip("small", weights_dir=d / "nowhere")
+    assert random.info["random_init"] and "RANDOMLY INITIALISED" in random.weights
+    assert "nowhere" in random.weights and "small_clip.safetensors" in random.weights
 
 
 def test_bundle_encodes_images_and_words(small_dir, capsys):
     d, _, _ = small_dir
-    bundle = cs.load_clip("small", weights_dir=d, verbose=False)
+    bundle = loading.load_clip("small", weights_dir=d, verbose=False)
     assert capsys.readouterr().out == ""
     imgs = [Image.new("RGB", (60, 20), (255, 0, 0)), Image.new("L", (30, 30), 128)]
     x = bundle.preprocess(imgs[1])
@@ -296,41 +318,41 @@ def test_bundle_encodes_images_and_words(small_dir, capsys):
     t = bundle.encode_texts(["JOINT", "JOINE", "RESTAURANT"])
     assert e.shape == (2, 128) and t.shape == (3, 128)
     torch.testing.assert_close(e.norm(dim=1), torch.ones(2))
-    P = cs.word_image_probabilities(e, t, bundle.logit_scale)
+    P = ws.word_image_probabilities(e, t, bundle.logit_scale)
     torch.testing.assert_close(P.sum(1), torch.ones(2))
     assert bundle.tokenizer(["JOINT"]).shape == (1, 16)
 
 
 def test_small_tokenizer_reads_letter_by_letter():
     """One token per letter: look-alikes differ exactly where their letters differ."""
-    assert cs.spell_out("JOINT") == "J O I N T" and cs.spell_out("NEW YORK") == "N E W _ Y O R K"
-    tok = cs._small_tokenizer()(["JOINT", "JOINE", "JOINTS", "A"])
+    assert small.spell_out("JOINT") == "J O I N T" and small.spell_out("NEW YORK") == "N E W _ Y O R K"
+    tok = small.small_clip_tokenizer()(["JOINT", "JOINE", "JOINTS", "A"])
     sot, eot = tok[0, 0].item(), tok[0, 6].item()
     assert (tok[:, 0] == sot).all() and tok[0, 6] == eot and tok[2, 7] == eot and tok[3, 2] == eot
     assert (tok[0, :5] == tok[1, :5]).all() and tok[0, 5] != tok[1, 5]  # only the last letter differs
     assert (tok[0, :6] == tok[2, :6]).all()  # JOINTS = JOINT + one more letter
-    letters = {cs._small_tokenizer()([c])[0, 1].item() for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+    letters = {small.small_clip_tokenizer()([c])[0, 1].item() for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
     assert len(letters) == 26  # every letter its own token
-    long = cs._small_tokenizer()(["X" * 40])
+    long = small.small_clip_tokenizer()(["X" * 40])
     assert long.shape == (1, 16) and long[0, -1] == eot  # truncated, still ends with <eot>
 
 
 def test_word_crop_dataset_and_contrastive_step(small_dir):
     d, _, _ = small_dir
-    bundle = cs.load_clip("small", weights_dir=d, verbose=False)
+    bundle = loading.load_clip("small", weights_dir=d, verbose=False)
     imgs = [Image.new("RGB", (40 + 10 * k, 16), (30 * k, 0, 0)) for k in range(4)]
-    ds = cs.WordCropDataset(imgs, ["JOINT", "JOHNS", "JONES", "THE"], bundle)
+    ds = ft.WordCropDataset(imgs, ["JOINT", "JOHNS", "JONES", "THE"], bundle)
     assert len(ds) == 4
     x, t = ds[2]
     assert x.shape == (3, 32, 128) and t.shape == (16,) and t.dtype == torch.long
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     bundle.model.train()
-    out = cs.contrastive_step(bundle.model, batch)
+    out = ft.contrastive_step(bundle.model, batch)
     assert set(out) == {"loss", "loss_image", "loss_text"} and out["loss"].ndim == 0
     out["loss"].backward()
     assert bundle.model.visual.proj.grad is not None
     with pytest.raises(ValueError, match="2 images but 1 texts"):
-        cs.WordCropDataset(imgs[:2], ["A"], bundle)
+        ft.WordCropDataset(imgs[:2], ["A"], bundle)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,12 +25,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from PIL import Image
+from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+
+from ..registry import fetch_or_fallback
 
 __all__ = [
     "TABLE_3_2",
@@ -279,8 +290,6 @@ class SamMaskSource:
 
     def __init__(self, sam: torch.nn.Module, max_objects: int | None = None,
                  description: str = "SAM", **overrides: Any) -> None:
-        from segment_anything import SamAutomaticMaskGenerator
-
         unknown = set(overrides) - set(TABLE_3_2)
         if unknown:
             raise TypeError(f"SamMaskSource: unknown generator settings {sorted(unknown)}; "
@@ -321,16 +330,6 @@ def tiny_sam(image_size: int = 64, dim: int = 32, seed: int = 0) -> torch.nn.Mod
         dim: width of every part (a multiple of 8: the decoder upsamples to ``dim // 8`` channels).
         seed: seeds the random initialisation.
     """
-    from functools import partial
-
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
-
     if image_size % 16 or dim % 8:
         raise ValueError(f"tiny_sam: image_size ({image_size}) must be a multiple of 16 and dim ({dim}) of 8")
     with torch.random.fork_rng():
@@ -354,8 +353,6 @@ def tiny_sam(image_size: int = 64, dim: int = 32, seed: int = 0) -> torch.nn.Mod
 
 def load_sam_vit_b(checkpoint: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """SAM ViT-B with the weights in ``checkpoint`` (read with ``weights_only=True``)."""
-    from segment_anything import sam_model_registry
-
     sam = sam_model_registry["vit_b"](checkpoint=None)
     state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
     sam.load_state_dict(state)
@@ -383,7 +380,7 @@ def load_mask_source(kind: str = "boxes", device: str | torch.device = "cpu",
     if kind != "sam":
         raise ValueError(f"load_mask_source: kind={kind!r}, expected 'sam' or 'boxes'")
     if fetch is None:
-        from .registry import fetch_or_fallback as fetch
+        fetch = fetch_or_fallback
     box_src = BoxMaskSource(max_objects=max_objects)
     got, how = fetch("sam_vit_b", fallback=lambda: box_src,
                      fallback_text="box masks from the SVT word rectangles")

@@ -1,7 +1,8 @@
-"""ODITS, the object-driven image–text similarity model of seed 004 Ch. 3 (notebook 08).
+"""ODITS, the object-driven image–text similarity model of seed 004 Ch. 3 (notebook 08): the model.
 
 The thesis designs ODITS (§3.1, Fig. 3.1, Table 3.1) but never trains or measures it; this module
-builds it on top of a CLIP, trains it with the course's loop and compares it with that CLIP.
+builds it on top of a CLIP; :mod:`course_utils.recipes.odits` trains it with the course's loop
+and compares it with that CLIP.
 
 Notation (Table 3.1), for image ``i`` with ``K_i`` objects and a vocabulary of ``n`` words::
 
@@ -40,219 +41,34 @@ given CLIP (notebook 07's fine-tuned one); the new layers are initialised with X
 uniform from a seeded generator (:func:`init_new_layers_`), and :func:`set_deterministic` sets the
 flags of §3.2.
 
-**Objects as CLIP inputs (background choice).** ``M ∘ X`` literally is the object on a black
-frame of the full image size; a small object then fills a few pixels of CLIP's input.  We fill
-the background with the image's mean colour (black is a strong, unnatural signal for CLIP) and
-crop to the mask's box (plus a small margin) so the object fills the input, as a word crop does
-for the course's small CLIP.  :func:`object_image` has both switches to try the literal version.
+Objects, their features and the training-free baselines are in :mod:`course_utils.clip.objects`.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from .masks import MaskSource, ObjectMasks, check_masks, masks_to_boxes
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-
-    from .clip_svt import ClipBundle
+from ..env import seed_everything
+from .objects import ObjectFeatures
 
 __all__ = [
-    "object_image",
-    "object_images",
-    "count_statistics",
-    "plot_object_counts",
-    "anderson_table",
-    "format_anderson_table",
-    "similarity_weighted_embeddings",
-    "object_self_attention",
-    "init_new_layers_",
-    "set_deterministic",
-    "load_clip_weights",
+    "ODITS",
     "CrossAttention",
     "FeatureEnhancerLayer",
-    "ODITS",
-    "word_class_weights",
     "class_weighted_loss",
-    "make_step_fn",
-    "load_start_clip",
-    "finetune_like_notebook07",
-    "train_odits",
-    "ODITSFeatures",
-    "FeatureDataset",
-    "extract_features",
+    "init_new_layers_",
+    "object_self_attention",
+    "odits_step_fn",
     "predict",
-    "clip_probabilities",
-    "object_max_probabilities",
-    "word_spotting_metrics",
-    "top_words_per_object",
-    "plot_object_words",
+    "set_deterministic",
+    "similarity_weighted_embeddings",
+    "word_class_weights",
 ]
-
-
-# =============================================================================================
-# objects: CLIP_image(M ∘ X)
-# =============================================================================================
-
-
-def object_image(image: Image.Image, mask: torch.Tensor, background: str = "mean",
-                 crop: bool = True, pad: float = 0.1) -> Image.Image:
-    """The object ``M ∘ X`` as an RGB image ready for CLIP's preprocessing.
-
-    Args:
-        image: the RGB image ``X`` (``W x H``).
-        mask: ``(H, W)`` bool mask ``M`` of one object.
-        background: colour of the pixels outside the mask: ``"mean"`` (the image's mean colour,
-            the default: neutral for CLIP) or ``"black"`` (the literal ``M ∘ X``).
-        crop: cut the result to the mask's box grown by ``pad`` x its height on every side, so
-            the object fills CLIP's input; ``False`` keeps the full frame.
-        pad: margin of the crop (a little context helps text, as SVT's loose boxes do).
-
-    Returns:
-        an RGB PIL image (the full frame, or the crop).  An empty mask gives a 1x1 background image.
-    """
-    x = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    m = mask.cpu().numpy().astype(bool)
-    if m.shape != x.shape[:2]:
-        raise ValueError(f"object_image: mask is {m.shape} but the image is {x.shape[:2]} (H, W)")
-    if background == "mean":
-        fill = x.reshape(-1, 3).mean(axis=0).round().astype(np.uint8)
-    elif background == "black":
-        fill = np.zeros(3, dtype=np.uint8)
-    else:
-        raise ValueError(f"object_image: background={background!r}, expected 'mean' or 'black'")
-    out = np.where(m[..., None], x, fill[None, None, :])
-    if not m.any():
-        return Image.fromarray(np.broadcast_to(fill, (1, 1, 3)).copy())
-    if crop:
-        x1, y1, x2, y2 = masks_to_boxes(torch.from_numpy(m)[None])[0].tolist()
-        margin = pad * (y2 - y1)
-        H, W = m.shape
-        box = (max(0, int(x1 - margin)), max(0, int(y1 - margin)),
-               min(W, int(math.ceil(x2 + margin))), min(H, int(math.ceil(y2 + margin))))
-        out = out[box[1]:box[3], box[0]:box[2]]
-    return Image.fromarray(np.ascontiguousarray(out))
-
-
-def object_images(image: Image.Image, objects: ObjectMasks, **kwargs: Any) -> list[Image.Image]:
-    """:func:`object_image` for every mask of ``objects`` (``K`` images, possibly none)."""
-    return [object_image(image, m, **kwargs) for m in objects.masks]
-
-
-# =============================================================================================
-# object-count analysis (Fig. 3.4-3.6, Table 3.3)
-# =============================================================================================
-
-
-def count_statistics(counts: Sequence[int] | np.ndarray) -> dict[str, float]:
-    """Mean, median, mode, standard deviation (ddof=1), min, max and n of object counts.
-
-    The mode is the smallest most frequent count.  ``std`` is NaN for fewer than two images.
-    """
-    c = np.asarray(counts, dtype=np.float64).ravel()
-    if c.size == 0:
-        raise ValueError("count_statistics: no counts (expected one object count per image)")
-    values, freq = np.unique(c, return_counts=True)
-    return {"n": int(c.size), "mean": float(c.mean()), "median": float(np.median(c)),
-            "mode": float(values[np.argmax(freq)]), "std": float(c.std(ddof=1)) if c.size > 1 else float("nan"),
-            "min": float(c.min()), "max": float(c.max())}
-
-
-def plot_object_counts(counts: Sequence[int] | np.ndarray, density: bool = False,
-                       ax: Axes | None = None, title: str | None = None) -> Axes:
-    """Histogram of object counts with a KDE and the mean/median/mode/±std marked.
-
-    ``density=False`` is the thesis's Fig. 3.4 (frequencies), ``True`` its Fig. 3.5 (density).
-    The KDE (``scipy.stats.gaussian_kde``) is skipped when all counts are equal (it is then
-    undefined).
-    """
-    import matplotlib.pyplot as plt
-    from scipy.stats import gaussian_kde
-
-    c = np.asarray(counts, dtype=np.float64).ravel()
-    stats = count_statistics(c)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 3.5))
-    bins = np.arange(c.min() - 0.5, c.max() + 1.5, 1.0)
-    ax.hist(c, bins=bins, density=density, color="#8fb3d9", edgecolor="white", label="images")
-    if c.size > 1 and np.ptp(c) > 0:
-        xs = np.linspace(c.min() - 1, c.max() + 1, 200)
-        kde = gaussian_kde(c)(xs)
-        ax.plot(xs, kde if density else kde * c.size, color="#1f4e79", label="KDE")
-    for key, style in (("mean", "-"), ("median", "--"), ("mode", ":")):
-        ax.axvline(stats[key], color="#c0392b", linestyle=style, label=f"{key} = {stats[key]:.2f}")
-    if not math.isnan(stats["std"]):
-        ax.axvspan(stats["mean"] - stats["std"], stats["mean"] + stats["std"], color="#c0392b",
-                   alpha=0.08, label=f"±std = {stats['std']:.2f}")
-    ax.set_xlabel("objects per image")
-    ax.set_ylabel("density" if density else "images")
-    ax.set_title(title or ("Density distribution" if density else "Frequency distribution"))
-    ax.legend(fontsize=7)
-    return ax
-
-
-def anderson_table(counts: Sequence[int] | np.ndarray, alpha: float = 0.05) -> list[dict[str, Any]]:
-    """Anderson–Darling tests of the object counts against a normal and an exponential law.
-
-    ``scipy.stats.anderson`` estimates the law's parameters from the data and compares the
-    statistic with tabulated critical values; the thesis's rule (Eq. 3.3.1) rejects H0 when the
-    statistic exceeds the critical value at ``alpha`` (Table 3.3).
-
-    Returns:
-        one row per hypothesis: ``{"distribution", "statistic", "critical_value", "alpha",
-        "decision", "reject"}``; ``decision`` reads "reject H0" or "do not reject H0".
-    """
-    from scipy import stats
-
-    c = np.asarray(counts, dtype=np.float64).ravel()
-    if c.size < 3:
-        raise ValueError(f"anderson_table: need at least 3 counts, got {c.size}")
-    if np.ptp(c) == 0:
-        raise ValueError(f"anderson_table: all {c.size} counts equal {c[0]:g}; no law can be fitted "
-                         "(the normal's standard deviation would be 0)")
-    rows = []
-    for dist in ("norm", "expon"):
-        with warnings.catch_warnings():
-            # SciPy >= 1.17 warns that the critical-value form will go; we need exactly that form
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", RuntimeWarning)
-            res = stats.anderson(c, dist=dist)
-        levels = np.asarray(res.significance_level, dtype=np.float64) / 100.0
-        k = int(np.argmin(np.abs(levels - alpha)))
-        if not math.isclose(levels[k], alpha, abs_tol=1e-9):
-            raise ValueError(f"anderson_table: scipy tabulates {sorted(levels.tolist())}, not alpha={alpha}")
-        stat, crit = float(res.statistic), float(res.critical_values[k])
-        reject = stat > crit
-        rows.append({"distribution": {"norm": "normal", "expon": "exponential"}[dist],
-                     "statistic": stat, "critical_value": crit, "alpha": alpha, "reject": bool(reject),
-                     "decision": "reject H0" if reject else "do not reject H0"})
-    return rows
-
-
-def format_anderson_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Table 3.3 as text: one line per hypothesis."""
-    lines = [f"{'H0: counts follow':<22}{'statistic':>11}{'crit. (5 %)':>13}  decision"]
-    for r in rows:
-        lines.append(f"{r['distribution'] + ' law':<22}{r['statistic']:>11.4f}"
-                     f"{r['critical_value']:>13.3f}  {r['decision']}")
-    return "\n".join(lines)
-
-
-# =============================================================================================
-# building blocks (the notebook's exercises)
-# =============================================================================================
 
 
 def similarity_weighted_embeddings(object_emb: torch.Tensor, text_emb: torch.Tensor,
@@ -366,38 +182,10 @@ def set_deterministic(seed: int = 0) -> dict[str, bool]:
     kernel warns rather than stops the notebook), ``cudnn.benchmark = False`` and
     ``cudnn.deterministic = True``.
     """
-    from .env import seed_everything
-
     seed_everything(seed, deterministic=True)
     return {"use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "cudnn.benchmark": torch.backends.cudnn.benchmark,
             "cudnn.deterministic": torch.backends.cudnn.deterministic}
-
-
-def load_clip_weights(clip: nn.Module, path: str | Path) -> nn.Module:
-    """Load a fine-tuned CLIP (notebook 07) into ``clip`` in place and return it.
-
-    Accepts a checkpoint of :func:`course_utils.train.fit` (``epoch_XXX.pt``), a plain
-    ``state_dict`` saved with ``torch.save`` or a small-CLIP ``.safetensors`` file; ``.pt`` files
-    are read with ``weights_only=True``.  Keys must match ``clip``'s exactly (the message of
-    ``load_state_dict`` names the ones that do not).
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from .clip_svt import load_small_clip_state
-
-        state = load_small_clip_state(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "format_version" in state and "model" in state:
-            state = state["model"]  # a course_utils.train checkpoint
-    clip.load_state_dict(state)
-    return clip
-
-
-# =============================================================================================
-# the layers
-# =============================================================================================
 
 
 class CrossAttention(nn.Module):
@@ -653,11 +441,6 @@ class ODITS(nn.Module):
         return e_x, e_m.view(B, K, -1)
 
 
-# =============================================================================================
-# loss and training step
-# =============================================================================================
-
-
 def word_class_weights(train_targets: torch.Tensor, power: float = 0.5) -> torch.Tensor:
     """Class weights for the imbalanced vocabulary: ``w_k ∝ (1 + count_k)^(-power)``.
 
@@ -706,9 +489,9 @@ def class_weighted_loss(logits: torch.Tensor, targets: torch.Tensor,
     return per_image[keep].mean()
 
 
-def make_step_fn(class_weights: torch.Tensor | None = None
+def odits_step_fn(class_weights: torch.Tensor | None = None
                  ) -> Callable[[ODITS, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """A ``step_fn`` for :func:`course_utils.train.fit` on batches of :class:`FeatureDataset`.
+    """A ``step_fn`` for :func:`course_utils.train.fit` on :class:`course_utils.clip.objects.ObjectFeatureDataset` batches.
 
     The batch is a dict with ``image_emb (B, d)``, ``object_emb (B, K, d)``, ``conf (B, K)``,
     ``valid (B, K)`` and ``targets (B, n)``; or ``images``/``objects`` pixels instead of the two
@@ -732,225 +515,8 @@ def make_step_fn(class_weights: torch.Tensor | None = None
     return step_fn
 
 
-# =============================================================================================
-# the CLIP ODITS starts from, and training (shared by notebook 08 and benchmarks/odits.py)
-# =============================================================================================
-
-
-def load_start_clip(kind: str, profile: str, checkpoint: str | Path | None = None,
-                    device: str | torch.device = "cpu") -> ClipBundle:
-    """The CLIP ODITS is initialised from (§3.2): the profile's CLIP, then notebook 07's weights.
-
-    Notebook 07's weights are ``checkpoint`` when given, else the best-precision checkpoint that
-    notebook 07 saved for ``profile`` (:func:`course_utils.svt_finetune.best_checkpoint_path`),
-    if it exists and is newer than the shipped small-CLIP weights (an older file was fine-tuned
-    from something else).  ``bundle.info["finetuned"]`` says whether they were loaded.
-
-    Raises:
-        FileNotFoundError: ``checkpoint`` was given and does not exist.
-    """
-    from . import svt_finetune as sf
-
-    bundle = sf.load_model(kind, device=device)
-    path = Path(checkpoint) if checkpoint else sf.best_checkpoint_path(profile)
-    shipped = bundle.info.get("path")  # the small CLIP's weights file
-    if (not checkpoint and path.is_file() and shipped
-            and path.stat().st_mtime < Path(shipped).stat().st_mtime):
-        print(f"[odits] ignoring {path}: older than {shipped}, so not fine-tuned from it")
-        return bundle
-    if path.is_file():
-        load_clip_weights(bundle.model, path)
-        bundle.weights += f" + notebook 07's fine-tuned weights ({path})"
-        bundle.info["finetuned"] = True
-    elif checkpoint:
-        raise FileNotFoundError(f"checkpoint {checkpoint}: no such file (expected notebook 07's fine-tuned CLIP)")
-    return bundle
-
-
-def finetune_like_notebook07(bundle: ClipBundle, train: Any, test: Any, svt_cfg: Mapping[str, Any],
-                             progress: bool = False) -> str:
-    """Notebook 07's recipe, for when its checkpoint is missing; changes ``bundle.model`` in place.
-
-    Fine-tunes with Algorithm 1 and the profile's Table 2.5 settings (``svt_cfg``), keeps the
-    checkpoint with the best test precision, as the thesis and notebook 07 do, and returns a line
-    saying what was done (appended to ``bundle.weights``).
-    """
-    import tempfile
-
-    from . import svt_finetune as sf
-    from .train import checkpoint_path, load_checkpoint
-
-    ev = sf.build_eval_set(test, bundle)
-    zero = sf.evaluate(bundle.model, ev)
-    ckpt_dir = Path(tempfile.mkdtemp(prefix="odits_ft_"))
-    pairs = sf.pair_dataset(train, bundle, pads=svt_cfg["ft_crop_pads"])
-    sf.finetune(bundle.model, pairs, svt_cfg, ckpt_dir, resume=False, seed=svt_cfg["seed"], progress=progress)
-    rows = sf.evaluate_checkpoints(bundle.model, ev, ckpt_dir, sf.checkpoint_epochs(svt_cfg),
-                                   zero_shot=zero, verbose=False)
-    best = sf.best_by(rows, "precision")
-    load_checkpoint(checkpoint_path(ckpt_dir, best["epoch"]), model=bundle.model)
-    bundle.model.eval()
-    line = (f" + fine-tuned here with notebook 07's recipe (checkpoint +{best['epoch']} of "
-            f"{svt_cfg['ft_epochs']}, chosen by precision: {zero['precision']:.4f} -> {best['precision']:.4f} "
-            f"on {ev.unit}s)")
-    bundle.weights += line
-    bundle.info["finetuned"] = True
-    return line
-
-
-def train_odits(clip: nn.Module, feats: ODITSFeatures, words: Sequence[str], text_emb: torch.Tensor,
-                cfg: Mapping[str, Any], *, use_objects: bool = True, device: str | torch.device = "cpu",
-                progress: bool = False, **model_kwargs: Any) -> tuple[ODITS, Any, dict[str, Any]]:
-    """Build ODITS on a deep copy of ``clip`` and train its new layers with the shared loop.
-
-    Args:
-        clip: the starting CLIP (left untouched).
-        feats: the training split's :class:`ODITSFeatures`; words, text_emb: the vocabulary ``(n, d)``.
-        cfg: the profile's ``odits`` section (heads, ff_mult, init, seed, freeze_clip, epochs,
-            batch_size, lr, weight_decay, class_weight_power, grad_clip).
-        use_objects: False trains the ablation without objects.
-        model_kwargs: passed to :class:`ODITS` (e.g. the notebook's ``similarity_fn``).
-
-    Returns:
-        ``(model, history, info)``; ``info`` has ``train_s``, ``final_loss``, ``trainable_params``.
-    """
-    import copy
-    import time
-
-    from .train import fit
-
-    set_deterministic(cfg["seed"])
-    model = ODITS(copy.deepcopy(clip), heads=cfg["heads"], ff_mult=cfg["ff_mult"], init=cfg["init"],
-                  seed=cfg["seed"], use_objects=use_objects, freeze_clip=cfg["freeze_clip"], **model_kwargs)
-    model.set_vocabulary(words, text_emb)
-    weights = word_class_weights(feats.targets, cfg["class_weight_power"])
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    t0 = time.perf_counter()
-    hist = fit(model, make_step_fn(weights), FeatureDataset(feats), epochs=cfg["epochs"],
-               batch_size=cfg["batch_size"], optimizer=opt, seed=cfg["seed"], grad_clip=cfg["grad_clip"],
-               progress=progress, desc="ODITS" if use_objects else "ODITS without objects", device=device)
-    info = {"train_s": time.perf_counter() - t0, "final_loss": hist.train["loss"][-1],
-            "trainable_params": sum(p.numel() for p in params)}
-    return model, hist, info
-
-
-# =============================================================================================
-# features of a split
-# =============================================================================================
-
-
-@dataclass
-class ODITSFeatures:
-    """CLIP embeddings and targets of one split, padded to the largest object count.
-
-    Attributes:
-        image_emb: ``(N, d)``; object_emb: ``(N, K_max, d)``; conf, valid: ``(N, K_max)``.
-        targets: ``(N, n)`` bool, the words written in each image (its tags).
-        lexicon: ``(N, n)`` bool, each image's lexicon (50 words in SVT).
-        counts: ``(N,)`` int64 objects per image (before any cap).
-        names: image names; object_labels: per image, a label per kept object (may be empty).
-    """
-
-    image_emb: torch.Tensor
-    object_emb: torch.Tensor
-    conf: torch.Tensor
-    valid: torch.Tensor
-    targets: torch.Tensor
-    lexicon: torch.Tensor
-    counts: torch.Tensor
-    names: list[str] = field(default_factory=list)
-    object_labels: list[list[str]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return int(self.image_emb.shape[0])
-
-
-class FeatureDataset(torch.utils.data.Dataset):
-    """Map-style dataset over :class:`ODITSFeatures`; item ``i`` is a dict of tensors."""
-
-    def __init__(self, feats: ODITSFeatures) -> None:
-        self.f = feats
-
-    def __len__(self) -> int:
-        return len(self.f)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        f = self.f
-        return {"image_emb": f.image_emb[i], "object_emb": f.object_emb[i], "conf": f.conf[i],
-                "valid": f.valid[i], "targets": f.targets[i]}
-
-
-def extract_features(bundle: ClipBundle, records: Sequence[Any], mask_source: MaskSource,
-                     vocabulary: Sequence[str], max_objects: int | None = None,
-                     background: str = "mean", crop: bool = True, batch_size: int = 64,
-                     progress: bool = False) -> ODITSFeatures:
-    """Masks → objects → CLIP embeddings for every image of an SVT split.
-
-    Args:
-        bundle: the CLIP (its ``encode_images`` gives L2-normalised embeddings).
-        records: :class:`course_utils.svt.SVTImage` records (``load()``, ``tags``, ``lexicon``).
-        mask_source: e.g. :class:`course_utils.masks.BoxMaskSource` or ``SamMaskSource``.
-        vocabulary: the ``n`` words (columns of ``targets``/``lexicon``); must be non-empty.
-        max_objects: keep at most this many objects per image (most confident first).
-        background, crop: how objects become images (see :func:`object_image`).
-
-    Returns:
-        :class:`ODITSFeatures`.
-    """
-    from .clip_svt import positives_matrix
-
-    if not vocabulary:
-        raise ValueError("extract_features: the vocabulary is empty")
-    images, crops, owner, confs, counts, labels = [], [], [], [], [], []
-    it = records
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(records, desc="objects")
-    for i, rec in enumerate(it):
-        image = rec.load()
-        objs = mask_source(image, rec)
-        # any source may be plugged in: check its masks against the image before using them
-        where = f"image #{i} ({getattr(rec, 'image_name', '?')}) from {getattr(mask_source, 'name', 'mask source')}"
-        labels_i = list(objs.labels)
-        objs = check_masks(objs.masks, objs.confidence, image, where=where)
-        objs.labels = labels_i
-        counts.append(len(objs))
-        keep = list(range(len(objs)))[: max_objects] if max_objects is not None else list(range(len(objs)))
-        images.append(image)
-        for j in keep:
-            crops.append(object_image(image, objs.masks[j], background=background, crop=crop))
-            owner.append(i)
-        confs.append(objs.confidence[keep])
-        labels.append([objs.labels[j] for j in keep] if objs.labels else [])
-    e_x = bundle.encode_images(images, batch_size=batch_size)
-    d = e_x.shape[1]
-    e_crops = bundle.encode_images(crops, batch_size=batch_size) if crops else torch.zeros(0, d)
-    N, K = len(records), max([len(c) for c in confs] + [0])
-    object_emb, conf = torch.zeros(N, K, d), torch.zeros(N, K)
-    valid = torch.zeros(N, K, dtype=torch.bool)
-    slot = [0] * N
-    for row, i in enumerate(owner):
-        object_emb[i, slot[i]] = e_crops[row]
-        valid[i, slot[i]] = True
-        slot[i] += 1
-    for i, c in enumerate(confs):
-        conf[i, : len(c)] = c
-    vocab = list(vocabulary)
-    known = set(vocab)  # words outside the vocabulary cannot be scored: leave them out of Y
-    targets = positives_matrix([[t for t in r.tags if t in known] for r in records], vocab)
-    lexicon = positives_matrix([[w for w in r.lexicon if w in known] for r in records], vocab)
-    return ODITSFeatures(e_x, object_emb, conf, valid, targets, lexicon, torch.tensor(counts),
-                         [r.image_name for r in records], labels)
-
-
-# =============================================================================================
-# evaluation
-# =============================================================================================
-
-
 @torch.no_grad()
-def predict(model: ODITS, feats: ODITSFeatures, batch_size: int = 64) -> dict[str, torch.Tensor]:
+def predict(model: ODITS, feats: ObjectFeatures, batch_size: int = 64) -> dict[str, torch.Tensor]:
     """ODITS's word probabilities ``P`` ``(N, n)`` (softmax over the vocabulary) and ``P^(i)``.
 
     Returns ``{"P": (N, n), "object_text": (N, K_max, n)}``.
@@ -967,114 +533,3 @@ def predict(model: ODITS, feats: ODITSFeatures, batch_size: int = 64) -> dict[st
         Os.append(out["object_text"].cpu())
     model.train(was)
     return {"P": torch.cat(Ps), "object_text": torch.cat(Os)}
-
-
-def clip_probabilities(feats: ODITSFeatures, text_emb: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """The CLIP baseline: ``softmax(s · E_X E_T^T)`` over the vocabulary, ``(N, n)``."""
-    from .clip_svt import word_image_probabilities
-
-    return word_image_probabilities(feats.image_emb, text_emb, logit_scale)
-
-
-def object_max_probabilities(feats: ODITSFeatures, text_emb: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """A training-free object baseline: each word scores its best-matching object.
-
-    ``logit_ik = s · max_j cos(E_M_j, E_T_k)`` over image ``i``'s objects (the image itself when
-    it has none), then a softmax over the vocabulary.  It tells how much of ODITS's result the
-    objects alone explain, without any learnt fusion.  Returns ``(N, n)``.
-    """
-    cos_obj = torch.einsum("nkd,wd->nkw", F.normalize(feats.object_emb, dim=-1), text_emb)
-    cos_obj = cos_obj.masked_fill(~feats.valid[:, :, None], float("-inf"))
-    best = cos_obj.max(dim=1).values if cos_obj.shape[1] else torch.full(
-        (len(feats), text_emb.shape[0]), float("-inf"))
-    img = feats.image_emb @ text_emb.T
-    none = ~feats.valid.any(dim=1)
-    best = torch.where(none[:, None], img, best)
-    return (logit_scale * best).softmax(dim=-1)
-
-
-def word_spotting_metrics(P: torch.Tensor, targets: torch.Tensor, lexicon: torch.Tensor) -> dict[str, float]:
-    """Table 2.6's five columns (approach 2) plus approach 1 and lexicon-50 top-1, per image.
-
-    Args:
-        P: ``(N, n)`` word probabilities (rows sum to 1).
-        targets: ``(N, n)`` bool, the thesis's ``W_i^+`` (the words written in image ``i``).
-        lexicon: ``(N, n)`` bool, each image's lexicon.
-
-    Returns:
-        ``accuracy, precision, recall, f1`` (soft counts, Eq. 2.3.10-2.3.13, macro over images),
-        ``uniformity`` (mean normalised similarity entropy over images with ≥ 2 words, NaN-free:
-        0 when no image qualifies), the same four with Youden thresholds (``*_youden``), and
-        ``lexicon50_top1``: share of images whose most probable lexicon word is one of theirs.
-    """
-    from .clip_svt import (
-        classification_metrics,
-        normalised_similarity_entropy,
-        soft_confusion,
-        threshold_confusion,
-        youden_thresholds,
-    )
-
-    out = classification_metrics(soft_confusion(P, targets))
-    ent = normalised_similarity_entropy(P, targets)
-    out["uniformity"] = float(torch.nanmean(ent)) if (~torch.isnan(ent)).any() else 0.0
-    y1 = classification_metrics(threshold_confusion(P, targets, youden_thresholds(P, targets)))
-    out.update({f"{k}_youden": v for k, v in y1.items()})
-    pick = P.masked_fill(~lexicon, -1.0).argmax(dim=1)
-    out["lexicon50_top1"] = float(targets.gather(1, pick[:, None]).float().mean())
-    return {k: float(v) for k, v in out.items()}
-
-
-def top_words_per_object(object_text: torch.Tensor, valid: torch.Tensor, vocabulary: Sequence[str],
-                         k: int = 3) -> list[list[tuple[str, float]]]:
-    """The ``k`` words each valid object of one image pulls toward (rows of ``P^(i)``).
-
-    Args: ``object_text`` ``(K, n)``; ``valid`` ``(K,)`` bool.  Returns one list per valid object.
-    """
-    rows = object_text[valid.bool()]
-    vals, idx = rows.topk(min(k, rows.shape[1]), dim=1) if rows.numel() else (rows, rows.long())
-    return [[(vocabulary[j], float(v)) for v, j in zip(vr, ir)] for vr, ir in zip(vals.tolist(), idx.tolist())]
-
-
-def plot_object_words(image: Image.Image, objects: ObjectMasks, object_text: torch.Tensor,
-                      vocabulary: Sequence[str], k: int = 3, truth: Sequence[str] = (),
-                      ax: Axes | None = None) -> Axes:
-    """The explanation figure: an image, its objects, and the words each object pulls toward.
-
-    Each object's mask is tinted and boxed, numbered, and listed beside the image with its ``k``
-    most probable words (its row of ``P^(i)``); words written in the image (``truth``) are
-    marked with a ✓.
-
-    Args:
-        image: the RGB image.
-        objects: its :class:`course_utils.masks.ObjectMasks` (``K`` objects).
-        object_text: ``(K', n)`` rows of ``P^(i)`` for the first ``K' <= K`` objects (padding rows
-            beyond ``K`` are ignored).
-        vocabulary: the ``n`` words.
-    """
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(8, 4))
-    x = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    n_obj = min(len(objects), object_text.shape[0])
-    colours = plt.get_cmap("tab10")
-    for j in range(n_obj):
-        m = objects.masks[j].numpy()
-        x[m] = 0.6 * x[m] + 0.4 * np.asarray(colours(j % 10)[:3])
-    ax.imshow(x)
-    lines = []
-    truth_set = set(truth)
-    for j in range(n_obj):
-        x1, y1, x2, y2 = objects.boxes[j].tolist()
-        c = colours(j % 10)
-        ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=c, linewidth=1.5))
-        ax.text(x1, y1, str(j + 1), color="white", fontsize=8, backgroundcolor=c, va="bottom")
-        vals, idx = object_text[j].topk(min(k, object_text.shape[1]))
-        words = ", ".join(f"{vocabulary[i]}{' ✓' if vocabulary[i] in truth_set else ''} {v:.2f}"
-                          for v, i in zip(vals.tolist(), idx.tolist()))
-        lines.append(f"{j + 1}: {words}")
-    ax.set_axis_off()
-    ax.text(1.02, 1.0, "\n".join(lines) if lines else "no objects: ODITS uses the image alone",
-            transform=ax.transAxes, va="top", fontsize=8, family="monospace")
-    return ax

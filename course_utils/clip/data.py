@@ -1,0 +1,101 @@
+"""The SVT splits a word-spotting notebook (06-08) works on: real SVT when it can be had, else SynthSVT.
+
+:func:`load_svt_data` is the one place that decides: the real archive when it is in the course
+cache (or, with ``allow_download``, when :func:`course_utils.registry.fetch` can download it),
+else SynthSVT (:mod:`course_utils.synthsvt`, same XML schema) generated once into a
+:func:`course_utils.cache.run_dir` named by its settings.  Either way one line says which.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import registry
+from ..cache import run_dir
+from ..svt import SVTSplit, load_svt
+from ..synthsvt import make_synthsvt_for_profile
+
+__all__ = ["SYNTHSVT_KNOBS", "SVTData", "load_svt_data"]
+
+#: the ``svt`` settings SynthSVT is generated from (its folder is named by them)
+SYNTHSVT_KNOBS = ("n_train", "n_test", "image_size", "seed", "lexicon_size", "max_words")
+
+
+@dataclass
+class SVTData:
+    """Both splits and a line saying where they came from.
+
+    Attributes:
+        train, test: the splits (cut to the profile's ``n_train`` / ``n_test`` images).
+        root: the folder with ``train.xml``, ``test.xml`` and ``img/``.
+        real: True for the real SVT, False for SynthSVT.
+        source: one human-readable line (printed by :func:`load_svt_data`).
+    """
+
+    train: SVTSplit
+    test: SVTSplit
+    root: Path
+    real: bool
+    source: str
+
+
+def _extract_svt(zip_path: Path) -> Path:
+    """Unpack the real SVT archive next to itself once; return the folder holding ``train.xml``."""
+    out = zip_path.parent / "svt"
+    marker = out / ".extracted"
+    if not marker.is_file():
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(out)
+        marker.write_text(zip_path.name)
+    hits = sorted(out.rglob("train.xml"))
+    if not hits:
+        raise FileNotFoundError(f"{zip_path}: no train.xml inside the archive (expected svt1/train.xml)")
+    return hits[0].parent
+
+
+def load_svt_data(svt_cfg: dict, *, allow_download: bool = False, verbose: bool = True) -> SVTData:
+    """The SVT splits a notebook works on: real SVT if available, SynthSVT otherwise.
+
+    Args:
+        svt_cfg: the profile's ``svt`` section (``n_train``, ``n_test``, ``image_size``, ``seed``,
+            ``lexicon_size``, ``max_words``).
+        allow_download: try to download the real archive (``full`` on Colab); otherwise only a
+            copy already in the course cache is used, so an offline machine never waits.
+        verbose: print the source line and each split's counts.
+
+    Returns:
+        an :class:`SVTData`; the first ``n_train`` / ``n_test`` images of each split are kept.
+    """
+    entry = registry.get_entry("svt")
+    zip_path: Path | None = None
+    reason = ""
+    if allow_download:
+        try:
+            zip_path = registry.fetch("svt")
+        except registry.RegistryError as err:
+            reason = err.reason
+    else:
+        cached = entry.cached_path()
+        if cached.is_file():
+            zip_path = cached
+        else:
+            reason = f"not in the cache at {cached}"
+    if zip_path is not None:
+        root, real = _extract_svt(zip_path), True
+        source = f"data: real SVT from {zip_path}"
+    else:
+        root = run_dir("synthsvt", {k: svt_cfg[k] for k in SYNTHSVT_KNOBS})
+        make_synthsvt_for_profile(root, svt_cfg)
+        real = False
+        source = (f"data: SynthSVT (real SVT unavailable: {reason}), {svt_cfg['n_train']} train / "
+                  f"{svt_cfg['n_test']} test synthetic street images, seed {svt_cfg['seed']}, in {root}")
+    train, test = load_svt(root, "train"), load_svt(root, "test")
+    train.images = train.images[: svt_cfg["n_train"]]
+    test.images = test.images[: svt_cfg["n_test"]]
+    if verbose:
+        print(source)
+        train.summary()
+        test.summary()
+    return SVTData(train, test, root, real, source)

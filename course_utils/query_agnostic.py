@@ -1,0 +1,174 @@
+"""Query-agnostic retrieval with an object prior (seed 001; notebook 05).
+
+SCAN (notebook 04) scores a caption against an image with cross attention *between the two*:
+every new query must run through every gallery image again.  The poster's model embeds each
+image once, independently of any query:
+
+* regions are kept only when they are big enough, ``Area(obj_i) / Area(image) > alpha``
+  (:func:`keep_regions`);
+* a cross-attention decoder block lets the whole-image embedding ``I`` (the query of the
+  attention) read the kept region embeddings ``X`` (keys and values)::
+
+      q = LN(I),  k = v = LN(X),  Y = I + MHSA(q, k, v),  Y_hat = Y + FFN(Y)
+
+  (:class:`DecoderBlock`);
+* a caption is one vector (the bi-GRU's word features of its noun phrases, averaged), and training is contrastive
+  (:func:`contrastive_loss`).
+
+Retrieval then is one matrix product between the gallery matrix (encoded once) and the query
+matrix (:func:`score_all`), which is why it is so much faster than SCAN.  Training it, and racing
+it against SCAN, are recipes: :func:`course_utils.recipes.retrieval.run_query_agnostic` and
+:mod:`course_utils.recipes.speed_race`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .scan import CaptionEncoder, l2norm
+
+__all__ = ["DecoderBlock", "QueryAgnostic", "contrastive_loss", "decoder_block", "encode_gallery",
+           "encode_queries", "keep_regions", "mean_words", "score_all"]
+
+
+def keep_regions(boxes: torch.Tensor, image_size: float | torch.Tensor, alpha: float) -> torch.Tensor:
+    """Which regions the object prior keeps.
+
+    Args:
+        boxes: ``(..., k, 4)`` boxes ``(x1, y1, x2, y2)`` in pixels.
+        image_size: side of the (square) image, or ``(..., 2)`` tensor ``(H, W)`` per image.
+        alpha: keep a region when ``area / image area > alpha``.
+
+    Returns:
+        ``(..., k)`` bool.
+    """
+    if boxes.shape[-1] != 4:
+        raise ValueError(f"boxes: expected last dimension 4, got shape {tuple(boxes.shape)}")
+    area = (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    if isinstance(image_size, torch.Tensor):
+        img_area = (image_size[..., 0] * image_size[..., 1]).unsqueeze(-1)
+    else:
+        img_area = float(image_size) ** 2
+    return area / img_area > alpha
+
+
+def decoder_block(image: torch.Tensor, regions: torch.Tensor, keep: torch.Tensor, ln_q: nn.LayerNorm,
+                  ln_kv: nn.LayerNorm, attn: nn.MultiheadAttention, ffn: nn.Module) -> torch.Tensor:
+    """The cross-attention decoder block of seed 001, written out.
+
+    Args:
+        image: ``(B, d)`` whole-image embeddings ``I``.
+        regions: ``(B, k, d)`` region embeddings ``X``.
+        keep: ``(B, k)`` bool, the regions the object prior kept.
+        ln_q, ln_kv, attn (``batch_first=True``), ffn: the block's layers.
+
+    Returns:
+        ``(B, d)``: ``Y_hat = Y + FFN(Y)`` with ``Y = I + MHSA(LN(I), LN(X), LN(X))``.  An image
+        with no kept region gets no attention term (``Y = I``) instead of a NaN.
+    """
+    q = ln_q(image).unsqueeze(1)                          # (B, 1, d): one query per image
+    kv = ln_kv(regions)
+    empty = ~keep.any(dim=1)                              # (B,)
+    # MultiheadAttention returns NaN when every key is masked; unmask those rows and zero them below.
+    pad = ~keep & ~empty[:, None]
+    att, _ = attn(q, kv, kv, key_padding_mask=pad, need_weights=False)
+    att = att.squeeze(1).masked_fill(empty[:, None], 0.0)
+    y = image + att
+    return y + ffn(y)
+
+
+class DecoderBlock(nn.Module):
+    """:func:`decoder_block` with its layers: ``(B, d), (B, k, d), (B, k) -> (B, d)``."""
+
+    def __init__(self, dim: int, heads: int, ffn_mult: int = 4):
+        super().__init__()
+        self.ln_q, self.ln_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ffn = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ffn_mult * dim), nn.GELU(),
+                                 nn.Linear(ffn_mult * dim, dim))
+
+    def forward(self, image: torch.Tensor, regions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return decoder_block(image, regions, keep, self.ln_q, self.ln_kv, self.attn, self.ffn)
+
+
+class QueryAgnostic(nn.Module):
+    """Image tower (global + kept regions -> decoder block) and caption tower (bi-GRU, mean).
+
+    ``encode_image(global (B, F), regions (B, k, F), keep (B, k)) -> (B, d)`` and
+    ``encode_text(tokens (B, L), lengths (B,)) -> (B, d)``, both l2-normalised.
+    """
+
+    def __init__(self, feat_dim: int, vocab_size: int, word_dim: int, embed_dim: int, heads: int,
+                 temperature: float = 0.05):
+        super().__init__()
+        self.global_proj = nn.Linear(feat_dim, embed_dim)
+        self.region_proj = nn.Linear(feat_dim, embed_dim)
+        self.block = DecoderBlock(embed_dim, heads)
+        self.txt = CaptionEncoder(vocab_size, word_dim, embed_dim, bidirectional=True)
+        self.temperature = temperature
+
+    def encode_image(self, global_feat: torch.Tensor, regions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        if regions.ndim != 3 or global_feat.ndim != 2:
+            raise ValueError(f"expected global (B, F) and regions (B, k, F), got {tuple(global_feat.shape)} "
+                             f"and {tuple(regions.shape)}")
+        return l2norm(self.block(self.global_proj(global_feat), self.region_proj(regions), keep))
+
+    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return l2norm(mean_words(self.txt.packed_words(tokens, lengths)))
+
+
+def mean_words(words: PackedSequence) -> torch.Tensor:
+    """Mean of each caption's word features, straight from the packed words: ``-> (B, d)``.
+
+    Row ``r`` of time step ``t`` in ``words.data`` belongs to the ``r``-th longest caption, so the
+    sums are one ``index_add_``; the padded ``(B, L, d)`` tensor SCAN needs is never built (on
+    5000 captions that padding, masking and re-sorting was about 12 % of the encoding time).
+    """
+    steps = words.batch_sizes
+    owner = torch.arange(len(words.data)) - torch.repeat_interleave(torch.cumsum(steps, 0) - steps, steps)
+    owner = owner.to(words.data.device)
+    sums = words.data.new_zeros(int(steps[0]), words.data.shape[1]).index_add_(0, owner, words.data)
+    counts = torch.bincount(owner, minlength=int(steps[0])).to(sums.dtype)[:, None]
+    means = sums / counts
+    return means if words.unsorted_indices is None else means[words.unsorted_indices]
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, temperature: float,
+                     img_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of matching pairs ``img (B, d)``, ``txt (B, d)`` -> scalar.
+
+    Pairs that share an image (``img_ids``) are removed from each other's negatives.
+    """
+    logits = img @ txt.T / temperature
+    if img_ids is not None:
+        same = (img_ids[:, None] == img_ids[None, :]) & ~torch.eye(len(img_ids), dtype=torch.bool,
+                                                                     device=img.device)
+        logits = logits.masked_fill(same, float("-inf"))
+    target = torch.arange(len(img), device=img.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+@torch.no_grad()
+def encode_gallery(model: QueryAgnostic, global_feat: torch.Tensor, regions: torch.Tensor, keep: torch.Tensor,
+                   batch_size: int = 500) -> torch.Tensor:
+    """Encode every gallery image once: ``-> (I, d)``."""
+    model.eval()
+    return torch.cat([model.encode_image(global_feat[a:a + batch_size], regions[a:a + batch_size],
+                                         keep[a:a + batch_size]) for a in range(0, len(regions), batch_size)])
+
+
+@torch.no_grad()
+def encode_queries(model: QueryAgnostic, tokens: torch.Tensor, lengths: torch.Tensor,
+                   batch_size: int = 1000) -> torch.Tensor:
+    """Encode captions: ``-> (C, d)``."""
+    model.eval()
+    return torch.cat([model.encode_text(tokens[a:a + batch_size], lengths[a:a + batch_size])
+                      for a in range(0, len(tokens), batch_size)])
+
+
+def score_all(gallery: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Every image against every caption with one matrix product: ``(I, d), (C, d) -> (I, C)``."""
+    return gallery @ queries.T
