@@ -4,6 +4,7 @@
 * the graph of imports between its modules (module level and inside functions alike) has no cycle;
 * a function may import a sibling module only with a comment on that line or the line above
   saying why (a lazy heavy dependency, say);
+* every folder of the package is a regular package (has an ``__init__.py``);
 * one cache root, one run-folder naming and one offline decision: the functions that read
   ``COURSE_CACHE`` and ``COURSE_OFFLINE``, hash a folder name or open a socket live in one place.
 """
@@ -115,3 +116,11 @@ def test_one_cache_root_one_run_folder_one_offline_decision() -> None:
     hashing = {h.split(":")[0] for h in _grep(r"hashlib\.sha256\(")}
     assert hashing <= {"course_utils/cache.py", "course_utils/clip/small.py"}, hashing
     assert {h.split(":")[0] for h in _grep(r"socket\.(create_connection|socket)\(")} == {"course_utils/registry.py"}
+
+
+def test_every_subpackage_has_an_init() -> None:
+    # setuptools' find_packages (pyproject's packages.find) skips a folder without __init__.py:
+    # a regular, non-editable install would then silently lack its modules
+    folders = {p.parent for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+    missing = sorted(str(f.relative_to(PACKAGE.parent)) for f in folders if not (f / "__init__.py").is_file())
+    assert not missing, f"folders without __init__.py: {missing}"
