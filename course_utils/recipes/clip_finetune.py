@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,6 @@ class FinetuneResult:
     rows: list[dict[str, Any]]
     best: dict[str, Any]
     history: History
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 def finetune_and_select(bundle: ClipBundle, train: SVTSplit, test: SVTSplit, svt_cfg: Mapping[str, Any],
