@@ -13,11 +13,12 @@ TEST_ENV    := COURSE_PROFILE=smoke COURSE_OFFLINE=1 COURSE_CACHE=$(CURDIR)/.cac
                COURSE_FIGURES=$(CURDIR)/.cache/test/figures MPLBACKEND=Agg
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-unit test-notebooks notebooks reproduce benchmarks readme lint clean
+.PHONY: help venv test test-unit test-notebooks fullpath notebooks reproduce benchmarks readme lint clean
 
 help:
 	@echo "make reproduce   execute every solution notebook (auto profile), refresh figures/, results and README"
 	@echo "make test        unit tests + every solution and student notebook in the smoke profile"
+	@echo "make fullpath    every solution notebook in the fullpath profile (full's code path, tiny counts)"
 	@echo "make notebooks   regenerate notebooks/ from solutions/"
 
 venv: $(STAMP)
@@ -36,7 +37,14 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile tests $(PYTEST_ARGS)
 
-test-notebooks: $(STAMP)
+test-# full's architectures and code path on this machine's CPU, with random weights where pretrained
+# ones cannot be had; writes benchmarks/results/fullpath.json with each notebook's estimated
+# full-profile footprint on a T4.  Two threads: the notebooks run one at a time.
+fullpath: $(STAMP)
+	COURSE_OFFLINE=1 COURSE_CACHE=$(CURDIR)/.cache/fullpath COURSE_FIGURES=$(CURDIR)/.cache/fullpath/figures \
+		MPLBACKEND=Agg $(PY) -m course_tools.fullpath solutions/*.ipynb
+
+notebooks: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env solutions notebooks $(PYTEST_ARGS)
 
 notebooks: $(STAMP)

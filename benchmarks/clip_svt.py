@@ -40,7 +40,7 @@ from course_utils.clip.wordspotting import (
     threshold_confusion,
     youden_thresholds,
 )
-from course_utils.env import seed_everything
+from course_utils.env import get_device, seed_everything
 from course_utils.profiles import get_config, resolve_profile_name
 from course_utils.recipes.clip_finetune import finetune_and_select
 
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     wall["data_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    bundle = load_clip(S["clip_kind"])
+    bundle = load_clip(S["clip_kind"], device=get_device(),
+                       when_unavailable=get_config(profile).runtime.weights_when_unavailable)
     with tempfile.TemporaryDirectory() as tmp:
         res = finetune_and_select(bundle, data.train, data.test, S, Path(tmp) / "run", seed=args.seed, verbose=True)
     wall["zero_shot_finetune_and_checkpoint_eval_s"] = time.perf_counter() - t0

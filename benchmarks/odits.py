@@ -88,12 +88,14 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{len(data.test)} test)")
     words = word_spotting_vocabulary(list(splits.values()))
     device = get_device()
-    bundle = load_start_clip(cfg.svt.clip_kind, profile, args.clip_checkpoint, device)
+    bundle = load_start_clip(cfg.svt.clip_kind, profile, args.clip_checkpoint, device,
+                             when_unavailable=cfg.runtime.weights_when_unavailable)
     t0 = time.perf_counter()
     if not bundle.info.get("finetuned") and oc.finetune_clip_if_missing and not args.no_finetune:
         finetune_start_clip(bundle, splits["train"], splits["test"], cfg.svt)
     t_finetune = time.perf_counter() - t0
-    source, source_line = load_mask_source(oc.mask_source, device=device, max_objects=oc.max_objects)
+    source, source_line = load_mask_source(oc.mask_source, device=device, max_objects=oc.max_objects,
+                                           when_unavailable=cfg.runtime.weights_when_unavailable)
     print(f"[odits] data: {data_line}; vocabulary {len(words)} words\n[odits] {bundle.weights}\n"
           f"[odits] objects: {source_line}")
 

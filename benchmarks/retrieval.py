@@ -34,7 +34,7 @@ from course_tools.report import write_result  # noqa: E402
 from course_utils import matchmap, scan  # noqa: E402
 from course_utils.cache import run_dir  # noqa: E402
 from course_utils.captions import build_captioned  # noqa: E402
-from course_utils.env import seed_everything  # noqa: E402
+from course_utils.env import get_device, seed_everything  # noqa: E402
 from course_utils.profiles import get_config  # noqa: E402
 from course_utils.recipes import retrieval, speed_race  # noqa: E402
 
@@ -73,11 +73,12 @@ def main(argv: list[str] | None = None) -> dict:
     cfg_all = get_config(args.profile)
     cfg = cfg_all.retrieval
     seed_everything(args.seed)
+    device = get_device()
     t_start = time.perf_counter()
 
     splits = build_captioned(cfg, seed=args.seed)
     t = time.perf_counter()
-    feats, backbone, bb_stats = retrieval.build_features(splits, cfg, seed=args.seed)
+    feats, backbone, bb_stats = retrieval.build_features(splits, cfg, seed=args.seed, device=device)
     features_s = time.perf_counter() - t
     data = retrieval.RetrievalData.build(splits, feats)
     ckpt_root = run_dir("04_scan_grid", retrieval.scan_grid_knobs(cfg, args.seed))
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     grid, models = [], {}
     for level in ("fine", "coarse"):  # fine first: the headline number
         for row, *_ in retrieval.TABLE_4_1:
-            res = retrieval.run_variant(data, level, row, cfg, seed=args.seed, ckpt_root=ckpt_root, progress=False)
+            res = retrieval.run_variant(data, level, row, cfg, seed=args.seed, ckpt_root=ckpt_root, progress=False,
+                                        device=device)
             models[(level, row)] = res["model"]
             grid.append({"level": level, "row": row, **{k: round(res[k], 2) for k in KEYS},
                          "train_s": round(res["train_s"], 1), "eval_s": round(res["eval_s"], 1)})
@@ -98,10 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("loop vs vectorised:", loop, flush=True)
 
     qa_root = run_dir("05_query_agnostic", retrieval.query_agnostic_knobs(cfg, args.seed))
-    qa = retrieval.run_query_agnostic(data, cfg, text_level="fine", seed=args.seed, ckpt_dir=qa_root, progress=False)
+    qa = retrieval.run_query_agnostic(data, cfg, text_level="fine", seed=args.seed, ckpt_dir=qa_root, progress=False,
+                                      device=device)
     qa_row = {k: round(qa[k], 2) for k in KEYS}
     print("query-agnostic (noun phrases):", qa_row, flush=True)
-    qa_sent = retrieval.run_query_agnostic(data, cfg, text_level="coarse", seed=args.seed, ckpt_dir=qa_root,
+    qa_sent = retrieval.run_query_agnostic(data, cfg, text_level="coarse", seed=args.seed, ckpt_dir=qa_root, device=device,
                                            progress=False)
     qa_sent_row = {k: round(qa_sent[k], 2) for k in KEYS}
     print("query-agnostic (whole captions):", qa_sent_row, flush=True)
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         for loss_kind in (cfg["mm_loss"], "ranking" if cfg["mm_loss"] == "contrastive" else "contrastive"):
             t = time.perf_counter()
             torch.manual_seed(args.seed)
-            model = matchmap.MatchmapModel(backbone, len(data.vocab), int(cfg["word_dim"]), int(cfg["embed_dim"]))
+            model = matchmap.MatchmapModel(backbone, len(data.vocab), int(cfg["word_dim"]), int(cfg["embed_dim"])).to(device)
             losses = retrieval.train_matchmap(model, splits["train"], data.vocab, epochs=int(cfg["mm_epochs"]),
                                               seed=args.seed, batch_size=int(cfg["mm_batch_size"]), loss=loss_kind,
                                               margin=float(cfg["mm_margin"]), impostors=int(cfg["mm_impostors"]),

@@ -106,11 +106,11 @@ def label_anchors(anchors: torch.Tensor, gt_boxes: torch.Tensor, pos_iou: float 
     """
     num_anchors = anchors.shape[0]
     if gt_boxes.shape[0] == 0:
-        return (torch.zeros(num_anchors, dtype=torch.int64),
-                torch.full((num_anchors,), -1, dtype=torch.int64))
+        return (torch.zeros(num_anchors, dtype=torch.int64, device=anchors.device),
+                torch.full((num_anchors,), -1, dtype=torch.int64, device=anchors.device))
     iou = box_iou(gt_boxes, anchors)  # (G, A)
     best_iou, matched = iou.max(dim=0)
-    labels = torch.full((num_anchors,), IGNORE, dtype=torch.int64)
+    labels = torch.full((num_anchors,), IGNORE, dtype=torch.int64, device=anchors.device)
     labels[best_iou < neg_iou] = NEGATIVE
     labels[best_iou >= pos_iou] = POSITIVE
     # Rule (i): the anchors that are some box's best match, whatever their IoU.

@@ -28,6 +28,7 @@ __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
     "CheckpointError",
     "checkpoint_path",
+    "drop_optimizer_state",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -161,17 +162,22 @@ def save_checkpoint(
         "rng": _get_rng_state(),
         "extra": dict(extra or {}),
     }
+    _write_atomically(payload, path)
+    return path
+
+
+def _write_atomically(payload: Mapping[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, rename over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            torch.save(dict(payload), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return path
 
 
 def load_checkpoint(
@@ -281,7 +287,33 @@ def _head(items: Sequence[str], n: int = 8) -> str:
 
 
 def prune_checkpoints(ckpt_dir: Path, keep_epochs: set[int], latest: int) -> None:
-    """Delete checkpoints not in ``keep_epochs``; the latest always stays so resume works."""
+    """Delete checkpoints not in ``keep_epochs``; the latest always stays so resume works.
+
+    Only the latest keeps its optimizer state: the epoch before it is rewritten without (see
+    :func:`drop_optimizer_state`), so that the kept epochs cost one model each on disk (Adam's
+    two moments would triple a ViT-B/32 checkpoint from 0.6 to 1.8 GB).
+    """
+    kept = []
     for epoch, p in list_checkpoints(ckpt_dir).items():
         if epoch != latest and epoch not in keep_epochs:
             p.unlink(missing_ok=True)
+        elif epoch < latest:
+            kept.append(epoch)
+    if kept:
+        # Earlier ones were slimmed when they were the one before the latest.
+        drop_optimizer_state(checkpoint_path(ckpt_dir, max(kept)))
+
+
+def drop_optimizer_state(path: str | Path) -> bool:
+    """Rewrite the checkpoint at ``path`` without its optimizer state (atomically).
+
+    Returns:
+        True when the file was rewritten, False when it held no optimizer state.
+    """
+    path = Path(path)
+    ckpt = _read_checkpoint(path, "cpu")
+    if ckpt.get("optimizer") is None:
+        return False
+    ckpt["optimizer"] = None
+    _write_atomically(ckpt, path)
+    return True

@@ -33,6 +33,7 @@ from torch import nn
 from torchvision.ops import clip_boxes_to_image, roi_pool
 
 from .boxes import decode_boxes
+from .devices import module_device
 from .rpn import RPN, build_rpn, check_targets
 from .shapes import QUERY_WORDS
 
@@ -369,19 +370,24 @@ class SemanticDetector(nn.Module):
                top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One image ``(3, H, W)`` and one query -> the boxes ``(M, 4)`` it selects and their scores.
 
-        Prints a line when nothing in the image matches, so an empty answer is never silent.
+        The image may be on any device (it is moved to the model's); boxes ``(M, 4)`` and scores
+        ``(M,)`` come back on the CPU, ready to draw.  Prints a line when nothing in the image
+        matches, so an empty answer is never silent.
         """
+        if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
+            got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"search: image must be a (3, H, W) tensor, got {got}")
         was_training = self.training
         self.eval()
         try:
-            det = self.detect(image[None], [query])[0]
+            det = self.detect(image[None].to(module_device(self)), [query])[0]
         finally:
             self.train(was_training)
         boxes, scores = det.select(threshold, top_k)
         if len(boxes) == 0:
             best = float(det.score.max()) if len(det.score) else 0.0
             print(f"no object matches {query!r} (best score {best:.2f} <= threshold {threshold})")
-        return boxes, scores
+        return boxes.cpu(), scores.cpu()
 
 
 def clean_targets(batch: dict) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:

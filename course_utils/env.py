@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import device_guard
 from .profiles import Config, get_config
 
 
@@ -18,8 +19,13 @@ def get_device(prefer: str | None = None) -> torch.device:
     """Return ``prefer`` if given, else CUDA when available, else Apple MPS, else CPU.
 
     ``$COURSE_DEVICE`` overrides the automatic choice (useful to force ``cpu`` on a GPU box).
+    ``virtual-cuda`` switches on :mod:`course_utils.device_guard` and returns ``cuda``: the code
+    then runs on the CPU but fails, as on a GPU, wherever it mixes devices.
     """
     prefer = prefer or os.environ.get("COURSE_DEVICE")
+    if prefer == device_guard.VIRTUAL_DEVICE_NAME:
+        device_guard.activate()
+        return torch.device("cuda")
     if prefer:
         return torch.device(prefer)
     if torch.cuda.is_available():

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .captions import CaptionedSplit, CaptionVocabulary, tokenize
+from .devices import module_device
 from .scan import Backbone, CaptionEncoder, length_mask
 
 AGGREGATORS = ("sisa", "misa", "sima")
@@ -81,11 +82,12 @@ class MatchmapModel(nn.Module):
 
     def cells(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            fmap = self.backbone(images)
+            fmap = self.backbone(images.to(module_device(self)))
         return F.normalize(self.proj(fmap), dim=1)
 
     def words(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.txt(tokens, lengths)  # already unit length per word (padding stays zero)
+        dev = module_device(self)
+        return self.txt(tokens.to(dev), lengths.to(dev))  # already unit length per word (padding stays zero)
 
 
 def pair_scores(cells: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor, agg: str) -> torch.Tensor:
@@ -139,7 +141,7 @@ def contrastive_matchmap_loss(cells: torch.Tensor, words: torch.Tensor, lengths:
     if cells.shape[0] < 2:
         raise ValueError("a contrastive batch needs at least 2 pairs")
     S = batch_scores(cells, words, lengths, agg) / temperature
-    target = torch.arange(S.shape[0])
+    target = torch.arange(S.shape[0], device=S.device)
     return 0.5 * (F.cross_entropy(S, target) + F.cross_entropy(S.T, target))
 
 
@@ -161,14 +163,14 @@ def phrase_spans(text: str, phrases: list[str]) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def phrase_heatmaps(model: MatchmapModel, split: CaptionedSplit, vocab: CaptionVocabulary, c: int) -> list[torch.Tensor]:
-    """Heat maps ``(h, w)`` of each noun phrase of caption ``c`` over its own image."""
+    """Heat maps ``(h, w)`` of each noun phrase of caption ``c`` over its own image, on the CPU."""
     model.eval()
     cap = split.captions[c]
     i = int(split.cap_to_img[c])
     tok, ln = vocab.batch([cap.text])
     img = torch.from_numpy(split.image(i).copy()).permute(2, 0, 1).float()[None] / 255
     mm = matchmap(model.cells(img)[0], model.words(tok, ln)[0])
-    return [mm[a:b].mean(0) for a, b in phrase_spans(cap.text, cap.phrases)]
+    return [mm[a:b].mean(0).cpu() for a, b in phrase_spans(cap.text, cap.phrases)]
 
 
 @torch.no_grad()

@@ -2,8 +2,10 @@
 
 ``COURSE_PROFILE`` picks one of ``smoke`` (CI and tests: tiny, numbers mean nothing),
 ``cpu`` (synthetic data and course-sized models, about ten minutes a notebook on two CPU
-cores) or ``full`` (the seed papers' settings, meant for a GPU).  Unset or ``auto`` means
-``full`` when CUDA is available and ``cpu`` otherwise.
+cores), ``full`` (the seed papers' settings, meant for a GPU) or ``fullpath`` (``full``'s
+architectures, settings and code path with the smallest data counts and steps: CI runs every
+notebook in it on two CPU cores, with random weights where pretrained ones cannot be had).
+Unset or ``auto`` means ``full`` when CUDA is available and ``cpu`` otherwise.
 
 Profiles change *sizes only*.  Every notebook runs the same code path in every profile; if you
 find yourself writing ``if profile == ...`` in a notebook, add a knob here instead.
@@ -21,12 +23,19 @@ import copy
 import os
 from typing import Any
 
-PROFILE_NAMES = ("smoke", "cpu", "full")
+PROFILE_NAMES = ("smoke", "cpu", "full", "fullpath")
 
 # Each section belongs to one part of the course.  Keys are identical across profiles
 # (a test checks this) so that a notebook never meets a missing knob.
 _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
+        # How the notebooks run, not what they compute (no run folder depends on it):
+        # loader_workers processes render/decode images for train.fit (Colab has 2 CPUs; on a
+        # GPU the main process alone would spend longer on images than on steps); when pretrained
+        # weights cannot be had, weights_when_unavailable says what runs instead: "fallback" (the
+        # course's documented substitute: small CLIP, box masks, ...) or "random" (the same
+        # architecture, randomly initialised).
+        "runtime": dict(loader_workers=2, weights_when_unavailable="fallback"),
         # seed 004 Ch. 3 (notebook 08): ODITS on the notebook-07 CLIP.  full: SAM ViT-B masks with
         # Table 3.2's generator settings; cpu/smoke: box masks from the SVT word rectangles.  The
         # shared CLIP towers stay frozen (embeddings computed once), the new layers train with
@@ -71,19 +80,23 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                          weight_decay=1e-5, lr_step=3, lr_gamma=0.9, grad_clip=10.0),
         # seed 003 Ch. 3-4 / seed 001 / seed 002 (notebooks 04-05): captioned shapes scenes.
         # k_fine = 36 regions and 1024-d joint space as in seed 003 §4.4; 300-d word vectors.
-        "retrieval": dict(image_size=224, n_train=10000, n_val=1000, n_test=1000,
+        # 3000 training images and 8 epochs: sized so that notebook 04 (ten SCAN variants and the
+        # matchmaps) fits a Colab T4 session; with 10000 images and 12 epochs it was estimated at
+        # 82 min (course_tools.full_estimates).  The test split keeps the 1000-image protocol.
+        "retrieval": dict(image_size=224, n_train=3000, n_val=1000, n_test=1000,
                           min_objects=3, max_objects=5, small_size=(24, 34), large_size=(52, 72),
                           k_fine=36, backbone_channels=64, backbone_epochs=4, feat_pool=2,
-                          word_dim=300, embed_dim=1024, batch_size=128, epochs=12, lr=2e-4,
+                          word_dim=300, embed_dim=1024, batch_size=128, epochs=8, lr=2e-4,
                           margin=0.2, lambda_softmax_t2i=9.0, lambda_softmax_i2t=4.0,
                           lambda_lse=6.0, warmup_epochs=1, eval_shard=(100, 1000),
                           loop_images=100, loop_captions=100,
-                          qa_alpha=0.01, qa_heads=8, qa_epochs=12, qa_lr=5e-4,
+                          qa_alpha=0.01, qa_heads=8, qa_epochs=8, qa_lr=5e-4,
                           speed_gallery_sizes=(250, 500, 1000, 2000, 5000),
-                          mm_epochs=6, mm_impostors=1, mm_loss="contrastive", mm_batch_size=32,
+                          mm_epochs=4, mm_impostors=1, mm_loss="contrastive", mm_batch_size=32,
                           mm_margin=0.2, mm_temperature=0.1),
     },
     "cpu": {
+        "runtime": dict(loader_workers=0, weights_when_unavailable="fallback"),
         "odits": dict(mask_source="boxes", max_objects=8, background="mean", crop=True,
                       heads=4, ff_mult=2, init="xavier", freeze_clip=True, epochs=10,
                       batch_size=16, lr=1e-3, weight_decay=0.01, class_weight_power=0.5,
@@ -134,6 +147,7 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                           mm_margin=0.2, mm_temperature=0.1),
     },
     "smoke": {
+        "runtime": dict(loader_workers=0, weights_when_unavailable="fallback"),
         "odits": dict(mask_source="boxes", max_objects=4, background="mean", crop=True,
                       heads=2, ff_mult=2, init="xavier", freeze_clip=True, epochs=2,
                       batch_size=4, lr=1e-3, weight_decay=0.01, class_weight_power=0.5,
@@ -170,6 +184,30 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                           mm_margin=0.2, mm_temperature=0.1),
     },
 }
+
+
+def _fullpath() -> dict[str, dict[str, Any]]:
+    """``full`` with the smallest counts: every architecture, setting and code path stays."""
+    prof = copy.deepcopy(_PROFILES["full"])
+    sizes = {
+        "runtime": dict(weights_when_unavailable="random"),
+        "shapes": dict(n_train=8, n_val=2, n_test=8),
+        "anchors": dict(n_random_cases=50),
+        "rpn": dict(epochs=1, batch_size=2),
+        "detector": dict(epochs=1, batch_size=2),
+        "retrieval": dict(n_train=48, n_val=16, n_test=24, backbone_epochs=1, batch_size=8, epochs=1,
+                          warmup_epochs=0, eval_shard=(8, 32), loop_images=3, loop_captions=3,
+                          qa_epochs=1, speed_gallery_sizes=(8, 16), mm_epochs=1, mm_batch_size=4),
+        "svt": dict(n_train=1, n_test=1, eval_batch_size=8, ft_epochs=2, ft_batch_size=4,
+                    ft_checkpoints=(1, 2)),
+        "odits": dict(epochs=1, batch_size=2),
+    }
+    for section, knobs in sizes.items():
+        prof[section].update(knobs)
+    return prof
+
+
+_PROFILES["fullpath"] = _fullpath()
 
 
 class Section(dict):

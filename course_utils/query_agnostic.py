@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .devices import module_device
 from .scan import CaptionEncoder, l2norm
 
 __all__ = ["DecoderBlock", "QueryAgnostic", "contrastive_loss", "decoder_block", "encode_gallery",
@@ -154,18 +155,20 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, temperature: float,
 @torch.no_grad()
 def encode_gallery(model: QueryAgnostic, global_feat: torch.Tensor, regions: torch.Tensor, keep: torch.Tensor,
                    batch_size: int = 500) -> torch.Tensor:
-    """Encode every gallery image once: ``-> (I, d)``."""
+    """Encode every gallery image once: ``-> (I, d)`` on the model's device (inputs may be on the CPU)."""
     model.eval()
-    return torch.cat([model.encode_image(global_feat[a:a + batch_size], regions[a:a + batch_size],
-                                         keep[a:a + batch_size]) for a in range(0, len(regions), batch_size)])
+    dev = module_device(model)
+    return torch.cat([model.encode_image(global_feat[a:a + batch_size].to(dev), regions[a:a + batch_size].to(dev),
+                                         keep[a:a + batch_size].to(dev)) for a in range(0, len(regions), batch_size)])
 
 
 @torch.no_grad()
 def encode_queries(model: QueryAgnostic, tokens: torch.Tensor, lengths: torch.Tensor,
                    batch_size: int = 1000) -> torch.Tensor:
-    """Encode captions: ``-> (C, d)``."""
+    """Encode captions: ``-> (C, d)`` on the model's device (inputs may be on the CPU)."""
     model.eval()
-    return torch.cat([model.encode_text(tokens[a:a + batch_size], lengths[a:a + batch_size])
+    dev = module_device(model)
+    return torch.cat([model.encode_text(tokens[a:a + batch_size].to(dev), lengths[a:a + batch_size].to(dev))
                       for a in range(0, len(tokens), batch_size)])
 
 

@@ -2,30 +2,30 @@
 
 Every external file the course may use is an :class:`Entry` here: where it comes from (URLs
 tried in order), its sha256, where it lands in the cache, and what the course uses instead when
-it cannot be downloaded.  Notebooks call::
+it cannot be downloaded.  :func:`fetch` is the course's one download path; loaders call::
 
-    path_or_model, source = fetch_or_fallback("sam_vit_b", fallback=load_course_sam)
-    print(source)        # says which weights were really used: nothing pretends
+    got, source = fetch_or_fallback("sam_vit_b", fallback=lambda: BoxMaskSource())
 
-Without a network this prints exactly one line, e.g.::
+``got`` is the file's path, or what ``fallback()`` returned; ``source`` says in one line which was
+used (notebooks print it next to results: nothing pretends).  When falling back,
+:func:`fetch_or_fallback` prints exactly one line; with ``COURSE_OFFLINE=1`` and nothing cached::
 
-    [offline] could not download sam_vit_b (no network connection); using the course's small
-    mask generator trained by scripts in this repository instead.
+    [offline] could not download sam_vit_b (COURSE_OFFLINE=1 is set); using box masks from the SVT word rectangles instead.
 
-Environment variables:
+The reason in parentheses is e.g. ``COURSE_OFFLINE=1 is set``, ``HTTP 404`` (any status),
+``connection refused``, ``no network connection``, ``the server did not answer within 10 s``
+(:data:`HTTP_TIMEOUT_S`), ``the connection closed after 1024 of 4096 bytes``, ``sha256 mismatch``,
+or what an entry's ``verify`` hook found.  A cached copy that fails its checks is downloaded again,
+said in one line.
 
-* ``COURSE_CACHE``: cache folder (default ``~/.cache/anchors-to-clip``); files go to
-  ``<cache>/<kind>/<filename>``, ``kind`` being ``weights`` or ``dataset``.
-* ``COURSE_OFFLINE=1``: never touch the network (CI and the tests set it); cached files whose
-  checksum matches are still used.
-
-The open_clip CLIP weights are the exception: open_clip downloads and caches them itself, so their
-entry only documents them, and :func:`open_clip_pretrained_available` tells, without any network
-access, whether ``open_clip.create_model_and_transforms(model, pretrained=tag)`` would find them.
+Files go to ``<cache>/<kind>/<filename>`` (``kind``: ``weights`` or ``dataset``; the cache is
+``$COURSE_CACHE``, see :mod:`course_utils.cache`).  ``COURSE_OFFLINE=1`` means never touch the
+network (CI and the tests set it); cached files that pass their checks are still used.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import socket
@@ -37,32 +37,41 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import pooch
+import requests
 
 from .cache import cache_root
 
 __all__ = [
+    "WHEN_UNAVAILABLE",
+    "HTTP_TIMEOUT_S",
     "ChecksumError",
     "Entry",
     "OfflineError",
     "RegistryError",
+    "cached_copy",
     "fetch",
     "fetch_or_fallback",
     "get_entry",
     "list_entries",
+    "mobilenet_v2_state_dict",
     "offline_mode",
-    "open_clip_pretrained_available",
     "register",
     "report_fallback",
     "zip_contains",
 ]
 
+#: A loader's choice when a file cannot be had (profile knob ``runtime.weights_when_unavailable``).
+WHEN_UNAVAILABLE = ("fallback", "random")
 T = TypeVar("T")
 
-#: ``downloader(url, output_file, pooch)``: pooch's downloader protocol.  Tests pass one that
-#: copies a local file, so no test ever needs a network.
+#: ``downloader(url, output_file, pooch)``: pooch's downloader protocol (tests copy local files)
 Downloader = Callable[[str, str, Any], None]
 
-_SHA256_HEX = frozenset("0123456789abcdef")
+#: seconds the HTTP downloader waits to connect and for each read: a server that hangs fails in
+#: seconds, not after pooch's default 30 s per URL (a slow but live download never waits that long)
+HTTP_TIMEOUT_S = 10.0
+
+_HEX = frozenset("0123456789abcdef")
 
 
 class RegistryError(RuntimeError):
@@ -87,20 +96,19 @@ class Entry:
 
     Attributes:
         name: registry key, e.g. ``"sam_vit_b"``.
-        urls: mirrors, tried in order; empty only for entries that ``managed_by`` another library.
+        urls: mirrors, tried in order.
         sha256: lowercase hex digest of the file, or ``None``; ``None`` requires ``sha256_note``
-            saying why, and then ``verify`` (or ``size_bytes``) should check what it can.
+            saying why, and then ``sha256_prefix``, ``verify`` or ``size_bytes`` check what they can.
         filename: name of the file in the cache (``<cache>/<kind>/<filename>``).
         kind: ``"weights"`` or ``"dataset"``.
         description: what the file is and where the facts about it come from.
-        fallback: what the course uses when the file cannot be had (printed in the offline line).
+        fallback: what the course uses when the file cannot be had (printed in the fallback line).
         size_bytes: expected size, when known; a smaller file is reported as truncated.
         sha256_note: why ``sha256`` is ``None`` (required then).
-        verify: called with the downloaded path after the checksum passed; raises
-            :class:`ChecksumError` when the file's structure is wrong (e.g. an archive lacks a
-            member the loaders need).
-        managed_by: the library that downloads this file itself (then :func:`fetch` refuses and
-            says how to get it through that library).
+        sha256_prefix: the first hex digits of the sha256 when only they are published (torchvision
+            puts 8 in its file names); checked when ``sha256`` is ``None``.
+        verify: called with the file's path after the hash passed; raises :class:`ChecksumError`
+            when the file's structure is wrong (e.g. an archive lacks a member the loaders need).
     """
 
     name: str
@@ -112,25 +120,28 @@ class Entry:
     fallback: str
     size_bytes: int | None = None
     sha256_note: str | None = None
+    sha256_prefix: str | None = None
     verify: Callable[[Path], None] | None = field(default=None, compare=False)
-    managed_by: str | None = None
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalise through object.__setattr__.
         object.__setattr__(self, "urls", tuple(self.urls))
-        if self.kind not in ("weights", "dataset"):
-            raise ValueError(f"entry {self.name!r}: kind must be 'weights' or 'dataset', got {self.kind!r}")
-        if self.sha256 is not None:
-            digest = self.sha256.lower()
-            if len(digest) != 64 or not set(digest) <= _SHA256_HEX:
-                raise ValueError(f"entry {self.name!r}: sha256 must be 64 hex digits, got {self.sha256!r}")
-            object.__setattr__(self, "sha256", digest)
-        elif not self.sha256_note:
-            raise ValueError(f"entry {self.name!r}: sha256 is None, so sha256_note must say why")
-        if not self.urls and not self.managed_by:
-            raise ValueError(f"entry {self.name!r}: needs at least one URL (or managed_by)")
-        if "/" in self.filename or "\\" in self.filename or not self.filename:
-            raise ValueError(f"entry {self.name!r}: filename must be a bare file name, got {self.filename!r}")
+        for attr, sizes, said in (("sha256", (64,), "64"), ("sha256_prefix", range(4, 64), "4 to 63")):
+            value = (getattr(self, attr) or "").lower()
+            if getattr(self, attr) is not None and (len(value) not in sizes or not set(value) <= _HEX):
+                raise ValueError(f"entry {self.name!r}: {attr} must be {said} hex digits, got {getattr(self, attr)!r}")
+            object.__setattr__(self, attr, value or None)
+        problems = [
+            self.kind not in ("weights", "dataset") and f"kind must be 'weights' or 'dataset', got {self.kind!r}",
+            self.sha256 is None and not self.sha256_note and "sha256 is None, so sha256_note must say why",
+            self.sha256 and not self.sha256.startswith(self.sha256_prefix or "")
+            and f"sha256 does not start with sha256_prefix {self.sha256_prefix}",
+            not self.urls and "needs at least one URL",
+            ("/" in self.filename or "\\" in self.filename or not self.filename)
+            and f"filename must be a bare file name, got {self.filename!r}",
+        ]
+        if any(problems):
+            raise ValueError(f"entry {self.name!r}: " + "; ".join(p for p in problems if p))
 
     @property
     def known_hash(self) -> str | None:
@@ -146,11 +157,8 @@ _REGISTRY: dict[str, Entry] = {}
 
 
 def register(entry: Entry, *, overwrite: bool = False) -> Entry:
-    """Add ``entry`` so that ``fetch(entry.name)`` works; other modules register their files.
-
-    Raises:
-        ValueError: an entry with that name exists (pass ``overwrite=True`` to replace it).
-    """
+    """Add ``entry`` so that ``fetch(entry.name)`` works (tests replace an entry's URLs with
+    ``dataclasses.replace`` and ``overwrite=True``); ValueError when the name is taken."""
     if entry.name in _REGISTRY and not overwrite and _REGISTRY[entry.name] != entry:
         raise ValueError(f"registry already has an entry named {entry.name!r}")
     _REGISTRY[entry.name] = entry
@@ -170,18 +178,13 @@ def list_entries() -> list[Entry]:
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
-# --------------------------------------------------------------------------------------------
-# Cache and environment
-# --------------------------------------------------------------------------------------------
-
-
 def offline_mode(probe_host: str | None = None, timeout: float = 3.0) -> bool:
     """The course's one decision whether to stay off the network.
 
     True when ``$COURSE_OFFLINE`` is set to something other than ``0``/``false``/``no``/empty;
     then no socket is opened at all.  Otherwise, given ``probe_host``, True when that host does
-    not answer on port 443 within ``timeout`` seconds: a library that downloads by itself
-    (open_clip through the Hugging Face hub) would otherwise retry for a minute before failing.
+    not answer on port 443 within ``timeout`` seconds (for a library that downloads by itself and
+    would otherwise retry for a minute before failing).
     """
     if os.environ.get("COURSE_OFFLINE", "").strip().lower() not in ("", "0", "false", "no"):
         return True
@@ -195,6 +198,45 @@ def offline_mode(probe_host: str | None = None, timeout: float = 3.0) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# Checks of a file on disk
+# --------------------------------------------------------------------------------------------
+
+
+def _verify(entry: Entry, path: Path, *, full_hash: bool = True) -> None:
+    """Size, sha256 (or its prefix), then the entry's own check: cheap and clear first, so an
+    interrupted download reads "truncated".  ``full_hash=False``: pooch just compared the sha256."""
+    if entry.size_bytes is not None and (size := path.stat().st_size) != entry.size_bytes:
+        what = "truncated" if size < entry.size_bytes else "larger than expected"
+        raise ChecksumError(f"{path} is {what}: {size} bytes instead of {entry.size_bytes}.",
+                            reason=f"{what} file")
+    expected = (entry.sha256 if full_hash else None) if entry.sha256 else entry.sha256_prefix
+    if expected:
+        digest = pooch.file_hash(str(path))
+        if not digest.startswith(expected):
+            raise ChecksumError(f"{path} has sha256 {digest[:16]}..., expected {expected[:16]}...",
+                                reason="sha256 mismatch")
+    if entry.verify is not None:
+        entry.verify(path)
+
+
+def _cache_problem(entry: Entry, path: Path) -> str | None:
+    """``None`` when ``path`` is a good copy of ``entry``, else why not, in a few words."""
+    if not path.is_file():
+        return "not cached"
+    try:
+        _verify(entry, path)
+    except ChecksumError as e:
+        return e.reason
+    return None
+
+
+def cached_copy(name: str) -> Path | None:
+    """The cached file of entry ``name`` when it passes its checks, else ``None``; never downloads."""
+    entry = get_entry(name)
+    return entry.cached_path() if _cache_problem(entry, entry.cached_path()) is None else None
+
+
+# --------------------------------------------------------------------------------------------
 # Fetching
 # --------------------------------------------------------------------------------------------
 
@@ -203,8 +245,7 @@ def offline_mode(probe_host: str | None = None, timeout: float = 3.0) -> bool:
 def _quiet_pooch() -> Iterator[None]:
     """Silence pooch's INFO lines ("Downloading data from ...") so that a failed download
     prints exactly one line of ours; the download's progress bar still shows."""
-    logger = pooch.get_logger()
-    level = logger.level
+    logger, level = pooch.get_logger(), pooch.get_logger().level
     logger.setLevel(logging.WARNING)
     try:
         yield
@@ -212,123 +253,106 @@ def _quiet_pooch() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _short_reason(exc: BaseException) -> str:
-    """A few words for the one-line offline message, not a traceback."""
-    try:
-        import requests
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps (requests and urllib3 nest the real cause in ``__cause__``,
+    ``__context__``, ``args`` or ``.reason``, several levels deep)."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo and len(seen) < 12:
+        e = todo.pop(0)
+        if any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [x for x in (e.__cause__, e.__context__, getattr(e, "reason", None), *e.args)
+                 if isinstance(x, BaseException)]
+    return seen
 
-        if isinstance(exc, requests.exceptions.HTTPError) and exc.response is not None:
-            return f"HTTP {exc.response.status_code}"
-        if isinstance(exc, requests.exceptions.Timeout):
-            return "the server did not answer in time"
-        if isinstance(exc, requests.exceptions.ConnectionError):
-            return "no network connection"
-    except ImportError:  # pragma: no cover - requests comes with pooch's HTTP downloader
-        pass
+
+def _short_reason(exc: BaseException) -> str:
+    """A few words for the one-line fallback message, not a traceback."""
+    if isinstance(exc, requests.exceptions.HTTPError) and exc.response is not None:
+        return f"HTTP {exc.response.status_code}"
+    causes = _causes(exc)
+    if any(isinstance(e, (TimeoutError, requests.exceptions.Timeout)) for e in causes):
+        return f"the server did not answer within {HTTP_TIMEOUT_S:g} s"
+    if any(isinstance(e, ConnectionRefusedError) for e in causes):
+        return "connection refused"
+    for e in causes:
+        if isinstance(e, http.client.IncompleteRead):  # urllib3 counts bytes, http.client keeps them
+            got = e.partial if isinstance(e.partial, int) else len(e.partial)
+            return f"the connection closed after {got} of {got + (e.expected or 0)} bytes"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "the connection broke off during the download"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS error"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return "no network connection"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = text if len(text) <= 80 else text[:77] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _check_size(entry: Entry, path: Path) -> None:
-    """Raise ChecksumError when the file is smaller/larger than registered (cheap, and gives a
-    clearer message than a hash mismatch for the common case of an interrupted download)."""
-    if entry.size_bytes is None:
-        return
-    size = path.stat().st_size
-    if size != entry.size_bytes:
-        what = "truncated" if size < entry.size_bytes else "larger than expected"
-        raise ChecksumError(
-            f"{path} is {what}: {size} bytes instead of {entry.size_bytes}. Delete it and rerun.",
-            reason=f"{what} file",
-        )
-
-
-def _verify(entry: Entry, path: Path) -> None:
-    """Size check plus the entry's own structural check."""
-    _check_size(entry, path)
-    if entry.verify is not None:
-        entry.verify(path)
-
-
-def _cached_copy_ok(entry: Entry, path: Path) -> bool:
-    """Whether an existing cached file can be used without downloading."""
-    if not path.is_file():
-        return False
-    try:
-        _verify(entry, path)
-    except ChecksumError:
-        return False
-    return pooch.file_hash(str(path)) == entry.sha256 if entry.sha256 else True
-
-
 def fetch(name: str, *, downloader: Downloader | None = None, progressbar: bool = True) -> Path:
     """Return the local path of registered file ``name``, downloading it if needed.
 
-    The file is looked up in ``<cache>/<kind>/<filename>``; a cached copy whose sha256 does not
-    match (a truncated or corrupt earlier download) is downloaded again.  Each URL is tried in
-    turn; after the checksum, the entry's ``verify`` hook checks the file's structure.
+    The file is looked up in ``<cache>/<kind>/<filename>``; a cached copy that fails its checks
+    (a truncated or corrupt earlier download) is deleted and downloaded again, said in one line.
+    Each URL is tried in turn; the download is checked like a cached copy.
 
     Args:
         name: registry key.
         downloader: pooch downloader ``(url, output_file, pooch)``; default HTTP with a progress
-            bar.  Tests pass one that copies a local file.
+            bar (``progressbar``) and :data:`HTTP_TIMEOUT_S`.
         progressbar: show a download progress bar (default downloader only).
 
     Raises:
-        OfflineError: ``COURSE_OFFLINE=1`` and no valid cached copy, or every URL failed to
-            download (``.reason`` says why in a few words).
-        ChecksumError: a file was downloaded but is not the registered one (hash, size or
-            structure), from every URL; the message names the file.
+        OfflineError: ``COURSE_OFFLINE=1`` and no good cached copy, or no URL could be
+            downloaded (``.reason`` says why in a few words).
+        ChecksumError: every URL gave a file that is not the registered one (hash, size or
+            structure); the message names the file.
     """
     entry = get_entry(name)
-    if entry.managed_by:
-        raise RegistryError(
-            f"{name} is downloaded by {entry.managed_by} itself, not by course_utils: "
-            f"{entry.description}",
-            reason=f"managed by {entry.managed_by}",
-        )
     target = entry.cached_path()
+    problem = _cache_problem(entry, target)
+    if problem is None:
+        return target
     if offline_mode():
-        if _cached_copy_ok(entry, target):
-            return target
-        state = "its cached copy is corrupt" if target.exists() else "it is not cached"
+        cached = problem == "not cached"
         raise OfflineError(
-            f"COURSE_OFFLINE=1 and {state} ({target}); unset COURSE_OFFLINE to download {name}.",
-            reason="COURSE_OFFLINE=1 is set",
-        )
+            f"COURSE_OFFLINE=1 and {'it is not cached' if cached else f'its cached copy is corrupt ({problem})'} "
+            f"({target}); unset COURSE_OFFLINE to download {name}.",
+            reason="COURSE_OFFLINE=1 is set" + ("" if cached else " and the cached copy is corrupt"))
+    if problem != "not cached":
+        print(f"[download] the cached {target.name} is corrupt ({problem}); downloading {name} again.")
+        target.unlink()
 
     failures: list[tuple[str, BaseException]] = []
     for url in entry.urls:
         try:
-            path = _download(entry, url, target, downloader, progressbar)
+            return _download(entry, url, target, downloader, progressbar)
         except (ValueError, ChecksumError) as e:  # pooch raises ValueError on a hash mismatch
             failures.append((url, e if isinstance(e, ChecksumError) else ChecksumError(str(e), "sha256 mismatch")))
         except Exception as e:  # network errors: requests, urllib, OSError, ...
             failures.append((url, e))
-        else:
-            return path
     raise _combine_failures(entry, target, failures)
 
 
 def _download(
     entry: Entry, url: str, target: Path, downloader: Downloader | None, progressbar: bool
 ) -> Path:
-    """One pooch.retrieve from ``url`` into ``target``'s folder, then the structural checks.
-
-    pooch downloads to a temporary file and moves it into place only when the hash matches, so
-    an interrupted download never leaves a truncated file under the real name.
-    """
+    """One pooch.retrieve from ``url`` into ``target``'s folder, then the remaining checks (pooch
+    moves the file into place only when its hash matches: no truncated file under the real name)."""
     if downloader is None and url.startswith(("http://", "https://")):
-        downloader = pooch.HTTPDownloader(progressbar=progressbar)
+        # 1 MiB chunks: pooch's default of 1 kB writes and flushes 375 000 times for SAM ViT-B
+        downloader = pooch.HTTPDownloader(progressbar=progressbar, timeout=HTTP_TIMEOUT_S,
+                                          chunk_size=1 << 20)
     with _quiet_pooch():
         path = Path(pooch.retrieve(url, known_hash=entry.known_hash, fname=entry.filename,
                                    path=target.parent, downloader=downloader))
     try:
-        _verify(entry, path)
+        _verify(entry, path, full_hash=False)
     except ChecksumError:
-        # Without this the bad file would be "fetched" from the cache next time when no sha256
-        # is registered; with one, pooch would re-download it anyway.
+        # Without this the bad file would be "fetched" from the cache next time.
         path.unlink(missing_ok=True)
         raise
     return path
@@ -348,9 +372,8 @@ def _combine_failures(
             f"mirror has changed: update the entry's URL/sha256 in course_utils.registry.",
             reason=bad[0].reason,
         )
-    first = failures[0][1] if failures else RuntimeError("no URL registered")
     return OfflineError(f"could not download {entry.name} to {target} ({details})",
-                        reason=_short_reason(first))
+                        reason=_short_reason(failures[0][1]))
 
 
 def report_fallback(name: str, reason: str, fallback_text: str) -> None:
@@ -367,13 +390,10 @@ def fetch_or_fallback(
 ) -> tuple[Path | T, str]:
     """:func:`fetch` ``name``, or call ``fallback()`` when it cannot be had.
 
-    Returns:
-        ``(path, source)`` on success, ``(fallback(), source)`` otherwise, where ``source`` is a
-        one-line description of what is really used (notebooks print it next to results).
-
-    When falling back, exactly one line is printed (see :func:`report_fallback`); the text after
-    "using" is ``fallback_text`` or the entry's ``fallback``.  Errors raised by ``fallback``
-    itself propagate.
+    Returns ``(path, source)``, or ``(fallback(), source)`` after printing exactly one line
+    (:func:`report_fallback`, the text after "using" being ``fallback_text`` or the entry's
+    ``fallback``); ``source`` says in one line what is really used.  Errors raised by
+    ``fallback`` itself propagate.
     """
     entry = get_entry(name)
     text = fallback_text or entry.fallback
@@ -382,7 +402,9 @@ def fetch_or_fallback(
     except RegistryError as e:
         report_fallback(name, e.reason, text)
         return fallback(), f"{text} (fallback: {name} unavailable, {e.reason})"
-    check = "sha256 verified" if entry.sha256 else f"not hash-checked: {entry.sha256_note}"
+    check = ("sha256 verified" if entry.sha256 else
+             f"sha256 prefix {entry.sha256_prefix} verified; {entry.sha256_note}" if entry.sha256_prefix
+             else f"not hash-checked: {entry.sha256_note}")
     return path, f"{name} from {path} ({check})"
 
 
@@ -404,8 +426,7 @@ def zip_contains(*members: str) -> Callable[[Path], None]:
                 names = zf.namelist()
         except (zipfile.BadZipFile, OSError) as e:
             raise ChecksumError(
-                f"{path} is not a readable zip archive ({e}); it is probably truncated. "
-                "Delete it and rerun.",
+                f"{path} is not a readable zip archive ({e}); it is probably truncated.",
                 reason="not a readable zip archive",
             ) from None
         missing = [m for m in members if not any(n == m or n.endswith("/" + m) for n in names)]
@@ -420,69 +441,30 @@ def zip_contains(*members: str) -> Callable[[Path], None]:
     return check
 
 
-# --------------------------------------------------------------------------------------------
-# open_clip's own cache
-# --------------------------------------------------------------------------------------------
+def mobilenet_v2_state_dict(path: Path) -> None:
+    """A verify hook: ``path`` is a state dict with the keys and shapes of torchvision's
+    ``mobilenet_v2()`` (what ``load_state_dict`` needs; BatchNorm's ``num_batches_tracked``
+    counters are left out of the comparison because older checkpoints lack them)."""
+    # torch and torchvision only when such a file is checked: the registry itself stays light
+    import torch
+    from torchvision.models import mobilenet_v2
 
-
-def open_clip_pretrained_available(
-    model: str = "ViT-B-32", tag: str = "openai", cache_dir: str | Path | None = None
-) -> bool:
-    """Whether open_clip can load ``pretrained=tag`` for ``model`` from its cache, offline.
-
-    Mirrors the choice ``open_clip.pretrained.download_pretrained`` makes: the Hugging Face hub
-    copy when the config has one and ``huggingface_hub`` is installed (checked with
-    ``huggingface_hub.try_to_load_from_cache``, which never touches the network), else the file
-    of the config's URL in ``cache_dir`` or ``~/.cache/clip``.  Pass the same ``cache_dir`` you
-    pass to ``open_clip.create_model_and_transforms``.  Never downloads anything.
-    """
     try:
-        from open_clip.pretrained import get_pretrained_cfg
-    except ImportError:
-        return False
-    cfg = get_pretrained_cfg(model, tag)
-    if not cfg:
-        return False
-    if cfg.get("file"):
-        return Path(cfg["file"]).is_file()
-    hf_hub = cfg.get("hf_hub", "")
-    if hf_hub and _has_hf_hub():
-        return _hf_cached(hf_hub, cache_dir)
-    url = cfg.get("url", "")
-    if url:
-        root = Path(cache_dir) if cache_dir else Path("~/.cache/clip").expanduser()
-        return (root / os.path.basename(url)).is_file()
-    return False
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same failure
+        raise ChecksumError(f"{path} is not a readable PyTorch file ({_short_reason(e)}).",
+                            reason="not a readable PyTorch file") from None
 
+    def shapes(sd: Any) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in (sd.items() if isinstance(sd, dict) else ())
+                if not k.endswith("num_batches_tracked") and hasattr(v, "shape")}
 
-def _has_hf_hub() -> bool:
-    try:
-        import huggingface_hub  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _hf_cached(hf_hub: str, cache_dir: str | Path | None) -> bool:
-    """open_clip's ``hf_hub`` is ``"org/repo/filename"`` or ``"org/repo/"`` (default filename);
-    it prefers a ``.safetensors`` twin of the weights when one exists."""
-    from huggingface_hub import try_to_load_from_cache
-    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-
-    if hf_hub.endswith("/"):
-        repo_id, filename = hf_hub.rstrip("/"), HF_WEIGHTS_NAME
-    else:
-        repo_id, filename = os.path.split(hf_hub)
-    candidates = [filename]
-    if filename == HF_WEIGHTS_NAME:
-        candidates.insert(0, HF_SAFE_WEIGHTS_NAME)
-    elif filename.endswith((".bin", ".pth")):
-        candidates.insert(0, filename[:-4] + ".safetensors")
-    for fname in candidates:
-        found = try_to_load_from_cache(repo_id, fname, cache_dir=str(cache_dir) if cache_dir else None)
-        if isinstance(found, str) and os.path.isfile(found):
-            return True
-    return False
+    got, expected = shapes(state), shapes(mobilenet_v2(weights=None).state_dict())
+    if got != expected:
+        wrong = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
+        raise ChecksumError(f"{path} is not a MobileNetV2 state dict ({len(wrong)} keys missing, "
+                            f"extra or of another shape, e.g. {wrong[:3]}).",
+                            reason="not a MobileNetV2 state dict")
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,11 +483,11 @@ register(Entry(
     kind="weights",
     description=(
         "Segment Anything (Kirillov et al. 2023) ViT-B checkpoint from the official "
-        "facebookresearch/segment-anything release; load with "
+        "facebookresearch/segment-anything release, a state dict; load with "
         "segment_anything.sam_model_registry['vit_b'](checkpoint=path). Used by notebook 08 "
         "(ODITS) to turn images into object masks."
     ),
-    fallback="the course's small mask generator shipped in data/ (see notebook 08)",
+    fallback="box masks from the SVT word rectangles",
 ))
 
 register(Entry(
@@ -529,21 +511,40 @@ register(Entry(
 ))
 
 register(Entry(
+    name="mobilenet_v2_imagenet",
+    # torchvision's MobileNet_V2_Weights.IMAGENET1K_V1.url (torchvision/models/mobilenetv2.py)
+    urls=["https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"],
+    sha256=None,
+    sha256_prefix="b0353104",
+    sha256_note=("torchvision publishes only the first 8 hex digits of the sha256, in the file "
+                 "name (what torch.hub's check_hash compares); keys and shapes are checked too"),
+    filename="mobilenet_v2-b0353104.pth",
+    kind="weights",
+    description=(
+        "torchvision's MobileNetV2 ImageNet-1K weights (IMAGENET1K_V1, acc@1 71.878 per "
+        "torchvision), a state dict for torchvision.models.mobilenet_v2(weights=None). The RPN "
+        "backbone of notebooks 02-03 in the full profile (seed 000 §4.2)."
+    ),
+    fallback="MobileNetV2 from random initialisation",
+    verify=mobilenet_v2_state_dict,
+))
+
+register(Entry(
     name="clip_vit_b32_openai",
-    # open_clip's own pretrained config; the OpenAI URL's path segment is the file's sha256,
-    # which open_clip checks itself when it downloads from that URL.
+    # open_clip's pretrained config of ('ViT-B-32-quickgelu', 'openai'): OpenAI's URL, whose path
+    # segment is the file's sha256 (open_clip and OpenAI's clip package check it the same way).
     urls=["https://openaipublic.azureedge.net/clip/models/"
           "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt"],
     sha256="40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
     filename="ViT-B-32.pt",
     kind="weights",
     description=(
-        "OpenAI CLIP ViT-B/32 weights. open_clip downloads and caches them itself (from the "
-        "Hugging Face hub copy timm/vit_base_patch32_clip_224.openai when huggingface_hub is "
-        "installed, else from this URL into ~/.cache/clip): use "
-        "open_clip.create_model_and_transforms('ViT-B-32', pretrained='openai') and check "
-        "registry.open_clip_pretrained_available('ViT-B-32', 'openai') first when offline."
+        "OpenAI CLIP ViT-B/32 weights, OpenAI's TorchScript archive. They were trained with "
+        "QuickGELU: load them with open_clip.create_model_and_transforms('ViT-B-32-quickgelu', "
+        "pretrained=path, weights_only=False) (torch refuses a TorchScript archive with "
+        "weights_only=True); plain 'ViT-B-32' would run them with GELU and lose accuracy. "
+        "course_utils.clip.loading.load_clip('full') uses open_clip's own cache when it holds "
+        "these weights and this file otherwise. Used by notebooks 06-08 in the full profile."
     ),
-    fallback="the course's small CLIP trained on synthetic scenes, shipped in data/",
-    managed_by="open_clip",
+    fallback="the course's small CLIP",
 ))

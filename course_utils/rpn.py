@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+from torchvision.models import mobilenet_v2
 from torchvision.ops import clip_boxes_to_image, nms, remove_small_boxes
 
+from . import registry
 from .boxes import (
     anchor_grid,
     check_boxes,
@@ -129,24 +130,25 @@ class MobileNetV2Features(nn.Module):
 
 
 def _mobilenet_v2_features(pretrained: bool) -> nn.Module:
-    """``mobilenet_v2().features``, with ImageNet weights when they can be loaded.
+    """``mobilenet_v2().features``, with ImageNet weights when they can be had.
 
-    The weights come from torchvision's cache or its download URL.  Without a network (or with
-    ``pretrained=False``) the backbone starts from random weights and one line says so: the
-    numbers of a from-scratch run are then lower than the paper's, which used ImageNet weights.
+    The weights are torchvision's IMAGENET1K_V1 state dict, downloaded (or found in the course
+    cache) by the registry entry ``mobilenet_v2_imagenet``, so ``COURSE_OFFLINE`` and the cache
+    apply as for every other file.  Without them (or with ``pretrained=False``) the backbone starts
+    from random weights and one line says so: the numbers of a from-scratch run are then lower
+    than the paper's, which used ImageNet weights.
     """
-    if pretrained:
-        try:
-            model = mobilenet_v2(weights=MobileNet_V2_Weights.IMAGENET1K_V1)
-            print("backbone: MobileNetV2 with ImageNet weights (torchvision IMAGENET1K_V1)")
-            return model.features
-        except Exception as exc:  # no network, a proxy, a truncated cache file, ...
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-            print(f"backbone: MobileNetV2 ImageNet weights unavailable ({reason}); "
-                  "training from random initialisation instead")
-    else:
+    model = mobilenet_v2(weights=None)
+    if not pretrained:
         print("backbone: MobileNetV2 from random initialisation (pretrained=False)")
-    return mobilenet_v2(weights=None).features
+        return model.features
+    # on failure the registry prints the one line saying why and what is used instead
+    got, source = registry.fetch_or_fallback("mobilenet_v2_imagenet", fallback=lambda: None)
+    if got is not None:
+        # the entry's verify hook has checked the keys and shapes, so this cannot half-load
+        model.load_state_dict(torch.load(got, map_location="cpu", weights_only=True))
+        print(f"backbone: MobileNetV2 with ImageNet weights ({source})")
+    return model.features
 
 
 def build_backbone(name: str, stride: int, widths: Sequence[int] = (),

@@ -35,6 +35,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from torchvision.ops import roi_align
 
 from .captions import COLORS, SIZES
+from .devices import module_device
 from .shapes import SHAPES
 
 EPS = 1e-8
@@ -298,6 +299,7 @@ def scan_similarity(img: torch.Tensor, cap: torch.Tensor, lengths: torch.Tensor,
     """
     si, sc = shard
     order = torch.argsort(lengths.cpu(), stable=True)
+    lengths = lengths.to(cap.device)
     out = torch.empty(img.shape[0], cap.shape[0], dtype=img.dtype)
     for b in range(0, cap.shape[0], sc):
         idx = order[b:b + sc].to(cap.device)
@@ -453,17 +455,21 @@ def scan_step_fn(margin: float, warmup_steps: int = 0, optimizer: torch.optim.Op
 @torch.no_grad()
 def encode(model: SCAN, feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
            batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embed all images ``-> (I, k, d)`` and captions ``-> (C, L, d)`` once."""
+    """Embed all images ``-> (I, k, d)`` and captions ``-> (C, L, d)`` once, on the model's device.
+
+    The inputs may sit on the CPU (a cached feature file): each batch is moved as it is encoded.
+    """
     model.eval()
-    img = torch.cat([model.img_enc(feats[a:a + batch_size]) for a in range(0, len(feats), batch_size)])
-    cap = torch.cat([model.txt_enc(tokens[a:a + batch_size], lengths[a:a + batch_size])
+    dev = module_device(model)
+    img = torch.cat([model.img_enc(feats[a:a + batch_size].to(dev)) for a in range(0, len(feats), batch_size)])
+    cap = torch.cat([model.txt_enc(tokens[a:a + batch_size].to(dev), lengths[a:a + batch_size].to(dev))
                      for a in range(0, len(tokens), batch_size)])
     return img, cap
 
 
 def evaluate_retrieval(model: SCAN, feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
                        cap_to_img: torch.Tensor, shard: tuple[int, int] = (100, 1000)) -> tuple[dict[str, float], torch.Tensor]:
-    """Encode once, score every pair in shards, return ``(R@K dict, sims (I, C))``."""
+    """Encode once, score every pair in shards, return ``(R@K dict, sims (I, C) on the CPU)``."""
     img, cap = encode(model, feats, tokens, lengths)
     sims = scan_similarity(img, cap, lengths, model.cfg, shard)
     return recall_at_k(sims, cap_to_img), sims

@@ -44,10 +44,11 @@ from .checkpoints import (
     prune_checkpoints,
     save_checkpoint,
 )
+from .devices import to_device
 from .env import seed_everything
 from .history import History
 
-__all__ = ["History", "StepFn", "batch_size_of", "evaluate", "fit", "to_device"]
+__all__ = ["History", "StepFn", "batch_size_of", "evaluate", "fit"]
 
 #: ``step_fn(model, batch) -> {"loss": scalar tensor, "<component>": scalar tensor, ...}``
 StepFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
@@ -56,20 +57,6 @@ StepFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
 # --------------------------------------------------------------------------------------------
 # Batches
 # --------------------------------------------------------------------------------------------
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor in ``batch`` (nested tuples, lists, dicts) to ``device``; anything
-    else (strings, ints) passes through unchanged."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(to_device(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
 
 
 def batch_size_of(batch: Any) -> int:
@@ -149,6 +136,7 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     on_epoch_end: Callable[[int, History], None] | None = None,
+    num_workers: int = 0,
 ) -> History:
     """Train ``model`` for ``epochs`` epochs, checkpointing every epoch, and return its History.
 
@@ -177,12 +165,18 @@ def fit(
             generator seeded ``seed + e``.  Same seed, same data, same model init -> same run.
         device: where to train; default the device of the model's parameters.
         keep_epochs: if given, only these epochs' checkpoints (and always the latest) are kept.
+            Only the latest keeps the optimizer state (resume needs nothing else); the others
+            hold the model, history and RNG states.
         max_steps: stop after this many optimizer steps in this call, mid-epoch and without
             writing a checkpoint: simulates a runtime that disconnected.
         grad_clip: maximum total gradient norm, or ``None`` for no clipping.
         progress: show a ``tqdm`` bar per epoch.
         desc: label of the progress bar and the printed lines.
         on_epoch_end: called as ``on_epoch_end(epoch, history)`` after each checkpoint.
+        num_workers: processes that load the batches (``0``: the main process).  On a GPU,
+            decoding or rendering images in the main process can take longer than the step; the
+            order of the examples is still drawn in the main process, so the run is the same as
+            long as the dataset draws no random numbers in ``__getitem__`` (the course's do not).
 
     Returns:
         The run's :class:`History`, including epochs restored from a checkpoint.
@@ -199,6 +193,8 @@ def fit(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(train_set) == 0:  # type: ignore[arg-type]
         raise ValueError("train_set is empty: there is nothing to train on")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
 
     device = _resolve_device(model, device)
     model.to(device)
@@ -220,7 +216,7 @@ def fit(
             model, step_fn, train_set, optimizer, device,
             batch_size=batch_size, collate_fn=collate_fn, seed=seed, epoch=epoch,
             epochs=epochs, grad_clip=grad_clip, steps_left=steps_left,
-            progress=progress, desc=desc,
+            progress=progress, desc=desc, num_workers=num_workers,
         )
         if train_metrics is None:  # max_steps reached mid-epoch: behave like a crash
             print(f"[{desc}] stopped after max_steps={max_steps} optimizer steps in epoch "
@@ -228,7 +224,7 @@ def fit(
             return history
         val_metrics = (
             evaluate(model, step_fn, val_set, batch_size=batch_size, collate_fn=collate_fn,
-                     device=device)
+                     device=device, num_workers=num_workers)
             if val_set is not None else None
         )
         _step_scheduler(scheduler, val_metrics or train_metrics)
@@ -239,8 +235,8 @@ def fit(
             save_checkpoint(checkpoint_path(ckpt_dir, epoch), model=model, optimizer=optimizer,
                             scheduler=scheduler, epoch=epoch, history=history,
                             extra={"fit": run_info})
-            if keep is not None:
-                prune_checkpoints(ckpt_dir, keep, latest=epoch)
+            prune_checkpoints(ckpt_dir, keep if keep is not None else set(range(1, epoch + 1)),
+                              latest=epoch)
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
     return history
@@ -306,18 +302,19 @@ def _make_loader(
     batch_size: int,
     collate_fn: Callable[[list[Any]], Any] | None,
     shuffle_seed: int | None,
+    num_workers: int = 0,
 ) -> DataLoader:
-    """A single-process DataLoader; with ``shuffle_seed`` the order depends on it alone.
+    """A DataLoader whose order, with ``shuffle_seed``, depends on it alone.
 
-    ``num_workers=0`` because worker processes would bring their own RNG streams (and are slow
-    to start on two CPU cores) and would make resume depend on more than ``(seed, epoch)``.
+    The sampler draws the order in the main process from its own generator, so worker processes
+    (``num_workers > 0``) change only who loads each batch, not which examples it holds.
     """
     generator = None
     if shuffle_seed is not None:
         generator = torch.Generator()
         generator.manual_seed(shuffle_seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle_seed is not None,
-                      generator=generator, collate_fn=collate_fn, num_workers=0)
+                      generator=generator, collate_fn=collate_fn, num_workers=num_workers)
 
 
 def _train_one_epoch(
@@ -336,6 +333,7 @@ def _train_one_epoch(
     steps_left: int | None,
     progress: bool,
     desc: str,
+    num_workers: int = 0,
 ) -> tuple[dict[str, float] | None, int | None]:
     """One pass over ``train_set``.
 
@@ -345,7 +343,7 @@ def _train_one_epoch(
     from tqdm.auto import tqdm
 
     model.train()
-    loader = _make_loader(train_set, batch_size, collate_fn, shuffle_seed=seed + epoch)
+    loader = _make_loader(train_set, batch_size, collate_fn, shuffle_seed=seed + epoch, num_workers=num_workers)
     sums: dict[str, torch.Tensor] = {}
     n_seen = 0
     bar = tqdm(loader, desc=f"{desc} {epoch}/{epochs}", disable=not progress, leave=False)
@@ -355,7 +353,7 @@ def _train_one_epoch(
         for step, batch in enumerate(bar):
             if steps_left is not None and steps_left <= 0:
                 return None, 0
-            batch = to_device(batch, device)
+            batch = to_device(batch, device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             out, n = _check_step_output(step_fn(model, batch), f"(epoch {epoch}, step {step})")
             n = n if n is not None else batch_size_of(batch)
@@ -410,8 +408,10 @@ def evaluate(
     batch_size: int,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     device: str | torch.device | None = None,
+    num_workers: int = 0,
 ) -> dict[str, float]:
-    """Mean of ``step_fn``'s metrics over ``dataset`` in eval mode (weighted by batch size).
+    """Mean of ``step_fn``'s metrics over ``dataset`` in eval mode (weighted by batch size),
+    batches loaded by ``num_workers`` processes (0: the main process).
 
     The model is put back in training mode afterwards only if it was in it before.
     """
@@ -421,8 +421,8 @@ def evaluate(
     sums: dict[str, torch.Tensor] = {}
     n_seen = 0
     try:
-        for step, batch in enumerate(_make_loader(dataset, batch_size, collate_fn, None)):
-            batch = to_device(batch, device)
+        for step, batch in enumerate(_make_loader(dataset, batch_size, collate_fn, None, num_workers)):
+            batch = to_device(batch, device, non_blocking=True)
             out, n = _check_step_output(step_fn(model, batch), f"(validation step {step})")
             n = n if n is not None else batch_size_of(batch)
             _accumulate(sums, out, n)

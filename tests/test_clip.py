@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import requests
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -279,25 +280,23 @@ def test_load_clip_small_and_offline_fallback(small_dir, monkeypatch, capsys):
     assert bundle.kind == "small" and bundle.info["sha256"] == sha
     # COURSE_OFFLINE=1 (the tests' setting): no cached ViT-B/32, so the small CLIP, said once
     monkeypatch.setenv("COURSE_OFFLINE", "1")
-    monkeypatch.setattr(loading, "open_clip_pretrained_available", lambda *a, **k: False)
+    monkeypatch.setattr(loading, "open_clip_cached_file", lambda *a, **k: None)
     bundle = loading.load_clip("full", weights_dir=d)
     out = capsys.readouterr().out
-    assert "ViT-B/32 unavailable (COURSE_OFFLINE=1 is set and no cached download)" in out and bundle.kind == "small"
-    # network allowed but the hub does not answer: the probe says so, no download is attempted
+    assert out.splitlines()[0] == ("[offline] could not download clip_vit_b32_openai (COURSE_OFFLINE=1 is set); "
+                                   "using the course's small CLIP instead.") and bundle.kind == "small"
+    # network allowed but the download fails: the registry says why; open_clip never downloads itself
     monkeypatch.delenv("COURSE_OFFLINE")
-    probed = []
 
-    def refuse(address, timeout=None):
-        probed.append(address)
-        raise OSError("unreachable")
+    def no_network(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("no route to host")
 
-    monkeypatch.setattr(registry.socket, "create_connection", refuse)
+    monkeypatch.setattr(registry.pooch, "retrieve", no_network)
     monkeypatch.setattr(loading.open_clip, "create_model_and_transforms",
-                        lambda *a, **k: pytest.fail("tried to download ViT-B/32 without a network"))
+                        lambda *a, **k: pytest.fail("built ViT-B/32 without its weights"))
     bundle = loading.load_clip("full", weights_dir=d)
     out = capsys.readouterr().out
-    assert "ViT-B/32 unavailable (no network and no cached download)" in out and bundle.kind == "small"
-    assert probed == [(loading.HF_HOST, 443)]
+    assert "could not download clip_vit_b32_openai (no network connection)" in out and bundle.kind == "small"
     with pytest.raises(ValueError, match="kind='tiny'"):
         loading.load_clip("tiny")
     with pytest.raises(FileNotFoundError, match="pretrain_small_clip.py"):
@@ -394,3 +393,71 @@ def test_pretraining_learning_rate_schedule():
     assert mod.lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
     assert mod.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
     assert mod.lr_at(100, 100, 10, 1.0) == pytest.approx(0.02)
+
+
+# --------------------------------------------------------------------------------------------
+# devices: the model on the (virtual) GPU, inputs from the CPU (notebooks 06-08 on Colab)
+# --------------------------------------------------------------------------------------------
+
+
+def test_small_clip_encoders_take_cpu_inputs_on_the_gpu():
+    from course_utils.device_guard import is_on_virtual_cuda, virtual_cuda
+
+    model = small.build_small_clip(seed=0, zero_token_embedding=False).eval()
+    x = torch.randn(2, 3, *small.SMALL_CLIP_IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    tokens = small.small_clip_tokenizer()(["JOINT", "BAR"])
+    with torch.no_grad():
+        want_img, want_txt = model.encode_image(x), model.encode_text(tokens)
+    with virtual_cuda() as dev, torch.no_grad():
+        gpu = model.to(dev)
+        img, txt = gpu.encode_image(x), gpu.encode_text(tokens, normalize=True)
+        assert is_on_virtual_cuda(img) and is_on_virtual_cuda(txt)
+        # the guard computes on the CPU, but with its mode on PyTorch skips the fused attention
+        # kernel of eval mode: the same numbers up to float rounding
+        torch.testing.assert_close(img.cpu(), want_img)
+        torch.testing.assert_close(txt.cpu(), F.normalize(want_txt, dim=-1))
+        with pytest.raises(ValueError, match=r"image: expected a \(B, 3, H, W\) tensor"):
+            gpu.encode_image(x[0])
+        with pytest.raises(ValueError, match="text: expected"):
+            gpu.encode_text(tokens[0])
+
+
+def test_bundle_on_the_gpu_encodes_to_the_cpu(small_dir):
+    from course_utils.device_guard import is_on_virtual_cuda, virtual_cuda
+
+    d, _, _ = small_dir
+    imgs = [Image.new("RGB", (60, 20), (255, 0, 0)), Image.new("RGB", (40, 20), (0, 90, 0))]
+    cpu = loading.load_clip("small", weights_dir=d, verbose=False)
+    want_e, want_t = cpu.encode_images(imgs), cpu.encode_texts(["JOINT", "BAR"])
+    with virtual_cuda() as dev:
+        bundle = loading.load_clip("small", device=dev, weights_dir=d, verbose=False)
+        assert bundle.device.type == "cuda"
+        e, t = bundle.encode_images(imgs), bundle.encode_texts(["JOINT", "BAR"])
+        assert not is_on_virtual_cuda(e) and not is_on_virtual_cuda(t)  # for metrics and figures
+        torch.testing.assert_close(e, want_e)
+        torch.testing.assert_close(t, want_t)
+
+
+def test_probability_helpers_accept_one_operand_on_the_cpu():
+    from course_utils.device_guard import is_on_virtual_cuda, virtual_cuda
+
+    g = torch.Generator().manual_seed(4)
+    img, txt = F.normalize(torch.randn(3, 8, generator=g), dim=-1), F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    vocab = ["A", "B", "C", "D", "E"]
+    lexicons, targets = [["A", "B"], ["B", "C", "D"], ["E", "A"]], ["A", "C", "E"]
+    Y = ws.positives_matrix(lexicons, vocab)
+    want_P = ws.word_image_probabilities(img, txt, 30.0)
+    want_lex = ws.lexicon_probabilities(img, txt, Y, 30.0)
+    want_acc = ws.lexicon_top1_accuracy(img, txt, vocab, lexicons, targets)
+    want_m = ws.table_2_6_metrics(want_P, Y, lexicon=Y, approach1=True)
+    with virtual_cuda() as dev:
+        img_gpu = img.to(dev)  # embeddings on the GPU, vocabulary and masks on the CPU
+        P = ws.word_image_probabilities(img_gpu, txt, 30.0)
+        assert is_on_virtual_cuda(P) and torch.equal(P.cpu(), want_P)
+        assert torch.equal(ws.lexicon_probabilities(img_gpu, txt, Y, 30.0).cpu(), want_lex)
+        assert ws.lexicon_top1_accuracy(img_gpu, txt, vocab, lexicons, targets) == want_acc
+        assert ws.table_2_6_metrics(P, Y, lexicon=Y, approach1=True) == want_m
+        counts = ws.soft_confusion(P, Y)
+        assert ws.classification_metrics(counts) == {k: want_m[k] for k in ("accuracy", "precision", "recall", "f1")}
+        ent = ws.normalised_similarity_entropy(P, Y)
+        assert float(torch.nanmean(ent)) == want_m["entropy"]

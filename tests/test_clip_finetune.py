@@ -277,3 +277,71 @@ def test_run_dir_names_the_weights_and_the_fine_tuning_knobs(tmp_path, monkeypat
     random = loading.ClipBundle(_model(), small.small_clip_preprocess, small.small_clip_tokenizer(), "small", "test",
                                 {"random_init": True})
     assert a != folder(random, _cfg()) and cf.finetune_knobs(random, _cfg())["start"] == "random"
+
+
+# --------------------------------------------------------------------------------------------
+# devices: the model on the (virtual) GPU, batches from a CPU dataset (notebook 07 on Colab)
+# --------------------------------------------------------------------------------------------
+
+
+def test_training_step_moves_a_cpu_batch_to_the_model():
+    from course_utils.device_guard import is_on_virtual_cuda, virtual_cuda
+
+    data = _Pairs()
+    batch = (data.x[:4], data.tokens[:4])
+    want_model = _model()
+    want = ft.training_step(want_model, batch, ft.finetune_optimizer(want_model, _cfg()))
+    with virtual_cuda() as dev:
+        model = _model().to(dev)
+        got = ft.training_step(model, batch, ft.finetune_optimizer(model, _cfg()))  # batch stays on the CPU
+        assert all(is_on_virtual_cuda(p) for p in model.parameters())
+        keep = ft.distinct_pairs(batch[1].to(dev))
+        assert is_on_virtual_cuda(keep) and keep.tolist() == ft.distinct_pairs(batch[1]).tolist()
+    assert got == want  # the same numbers as on the CPU (training mode: the same kernels)
+    for a, b in zip(model.state_dict().values(), want_model.state_dict().values()):
+        assert torch.equal(a.cpu(), b)
+
+
+def test_notebook_07_bug_comes_back_without_the_batch_move(monkeypatch):
+    """The bug notebook 07's one-batch demo had on a GPU: a CPU batch reaches a model on the GPU.
+
+    The checks' toy CLIP, like open_clip's ViT-B/32, does not move its inputs: only
+    ``training_step`` (through ``contrastive_step``) does, and without that move it fails."""
+    from course_utils.checks.nb07 import ToyClip
+    from course_utils.device_guard import DeviceMismatchError, virtual_cuda
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(4, 3, 4, 4, generator=g), torch.randint(0, 20, (4, 5), generator=g))
+    with virtual_cuda() as dev:
+        toy = ToyClip().to(dev)
+        opt = torch.optim.Adam(toy.parameters(), lr=1e-3)
+        assert math.isfinite(ft.training_step(toy, batch, opt)["loss"])
+        monkeypatch.setattr(ft, "_batch_on_model", lambda model, b: tuple(b))  # the move, taken away
+        with pytest.raises(DeviceMismatchError, match="move the cpu one"):
+            ft.training_step(toy, batch, opt)
+
+
+def test_training_step_names_a_malformed_batch():
+    model = _model()
+    opt = ft.finetune_optimizer(model, _cfg())
+    with pytest.raises(ValueError, match="batch: expected"):
+        ft.training_step(model, _Pairs().x, opt)
+    with pytest.raises(ValueError, match=r"batch: expected two tensors .*\(8, 3, 32, 128\) and \(3, 16\)"):
+        ft.training_step(model, (_Pairs().x, _Pairs().tokens[:3]), opt)
+
+
+def test_evaluate_word_spotting_on_the_gpu_matches_the_cpu():
+    from course_utils.device_guard import virtual_cuda
+
+    words, lexicons = WORDS[:4], [WORDS[:4]] * 4
+    tok = small.small_clip_tokenizer()
+    ev = evaluation.EvalSet(_Pairs().x[:4], words, lexicons, WORDS[:4], tok(WORDS[:4]),
+                            ws.positives_matrix(lexicons, WORDS[:4]), "crop")
+    want = evaluation.evaluate_word_spotting(_model(), ev, return_matrices=True)
+    with virtual_cuda() as dev:
+        got = evaluation.evaluate_word_spotting(_model().to(dev), ev, return_matrices=True)  # ev on the CPU
+    # equal up to float rounding: with the guard on, eval-mode attention skips PyTorch's fused kernel
+    for k in ("accuracy", "precision", "recall", "f1", "entropy", "lexicon50_top1", "logit_scale"):
+        assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), k
+    assert got["P"].device.type == "cpu"
+    torch.testing.assert_close(got["P"], want["P"], rtol=1e-4, atol=1e-6)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from course_utils.clip import loading, objects, odits
+from course_utils.clip import loading, objects, odits, odits_loss
 from course_utils.clip import wordspotting as ws
 from course_utils.clip.masks import BoxMaskSource, MaskError, ObjectMasks
 from course_utils.recipes import odits as ro
@@ -304,13 +304,13 @@ def test_class_weighted_loss() -> None:
     y = torch.zeros(3, 5, dtype=torch.bool)
     y[0, 1] = y[1, 2] = True
     # one word per image, unit weights: plain cross-entropy; image 2 (no words) is left out
-    assert torch.allclose(odits.class_weighted_loss(logits, y), F.cross_entropy(logits[:2], torch.tensor([1, 2])))
+    assert torch.allclose(odits_loss.class_weighted_loss(logits, y), F.cross_entropy(logits[:2], torch.tensor([1, 2])))
     y[0, 3] = True
     w = torch.tensor([1.0, 1.0, 1.0, 3.0, 1.0])
     lp = logits.log_softmax(-1)
     want = (-(lp[0, 1] + 3 * lp[0, 3]) / 4 - lp[1, 2]) / 2
-    assert torch.allclose(odits.class_weighted_loss(logits, y, w), want)
-    zero = odits.class_weighted_loss(logits, torch.zeros(3, 5, dtype=torch.bool))
+    assert torch.allclose(odits_loss.class_weighted_loss(logits, y, w), want)
+    zero = odits_loss.class_weighted_loss(logits, torch.zeros(3, 5, dtype=torch.bool))
     assert zero.item() == 0.0 and zero.requires_grad
 
 
@@ -318,9 +318,9 @@ def test_word_class_weights_lift_rare_words() -> None:
     t = torch.zeros(10, 4, dtype=torch.bool)
     t[:, 0] = True  # frequent
     t[0, 1] = True  # rare
-    w = odits.word_class_weights(t, power=0.5)
+    w = odits_loss.word_class_weights(t, power=0.5)
     assert w[1] > w[0] and math.isclose(float(w[:2].mean()), 1.0, rel_tol=1e-6)
-    assert torch.allclose(odits.word_class_weights(t, power=0.0)[:2], torch.ones(2))
+    assert torch.allclose(odits_loss.word_class_weights(t, power=0.0)[:2], torch.ones(2))
 
 
 def _train(clip: torch.nn.Module, epochs: int = 3) -> tuple[odits.ODITS, list[float]]:
@@ -330,7 +330,7 @@ def _train(clip: torch.nn.Module, epochs: int = 3) -> tuple[odits.ODITS, list[fl
                             lexicon=torch.ones(8, N_WORDS, dtype=torch.bool), counts=torch.zeros(8))
     m = _model(clip)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
-    hist = fit(m, odits.odits_step_fn(odits.word_class_weights(feats.targets)), objects.ObjectFeatureDataset(feats), epochs=epochs,
+    hist = fit(m, odits_loss.odits_step_fn(odits_loss.word_class_weights(feats.targets)), objects.ObjectFeatureDataset(feats), epochs=epochs,
                batch_size=4, optimizer=opt, seed=0, progress=False, grad_clip=1.0)
     return m, hist.train["loss"]
 
@@ -566,3 +566,96 @@ def test_train_odits_leaves_the_clip_untouched_and_is_reproducible(clip: torch.n
 def test_load_start_clip_names_a_missing_checkpoint(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         ro.load_start_clip("small", "smoke", checkpoint=tmp_path / "nowhere.pt")
+
+
+# --------------------------------------------------------------------------------------------
+# devices: ODITS on the (virtual) GPU, features from the CPU (notebook 08 on Colab)
+# --------------------------------------------------------------------------------------------
+
+
+def test_odits_on_the_gpu_takes_cpu_features_and_gives_the_cpu_numbers(clip: torch.nn.Module) -> None:
+    import copy
+
+    from course_utils.device_guard import is_on_virtual_cuda, virtual_cuda
+
+    b = _batch()
+    feats = objects.ObjectFeatures(b["image_emb"], b["object_emb"], b["conf"], b["valid"], b["targets"],
+                                   b["targets"].clone(), b["valid"].sum(1))
+    text = _unit(torch.Generator().manual_seed(99), N_WORDS, D)
+    m_cpu = _model(clip)
+    with torch.no_grad():
+        want = m_cpu(b["image_emb"], b["object_emb"], b["conf"], b["valid"])
+    want_pred = odits.predict(m_cpu, feats)
+    want_loss = odits_loss.odits_step_fn()(m_cpu, b)["loss"]
+    P_want, E_want = odits.similarity_weighted_embeddings(b["object_emb"], text, 50.0)
+    with virtual_cuda() as dev:
+        m = odits.ODITS(copy.deepcopy(clip).to(dev), heads=4, seed=0)  # built on a CLIP on the GPU
+        assert all(is_on_virtual_cuda(t) for t in [*m.parameters(), *m.buffers()])  # new layers too
+        m.set_vocabulary([f"W{i}" for i in range(N_WORDS)], text)  # CPU embeddings
+        with torch.no_grad():
+            out = m(b["image_emb"], b["object_emb"], b["conf"], b["valid"])  # CPU inputs (notebook 08, §9)
+        # the guard computes on the CPU, but with its mode on eval-mode attention skips PyTorch's
+        # fused kernel: the same numbers up to float rounding
+        assert is_on_virtual_cuda(out["logits"])
+        torch.testing.assert_close(out["logits"].cpu(), want["logits"])
+        pred = odits.predict(m, feats)
+        assert not is_on_virtual_cuda(pred["P"])
+        torch.testing.assert_close(pred["P"], want_pred["P"])
+        loss = odits_loss.odits_step_fn()(m, b)["loss"]  # a batch taken from the dataset by hand
+        torch.testing.assert_close(loss.cpu(), want_loss.detach())
+        P, E_S = odits.similarity_weighted_embeddings(b["object_emb"], text.to(dev), torch.tensor(50.0))
+        assert is_on_virtual_cuda(P) and torch.equal(P.cpu(), P_want) and torch.equal(E_S.cpu(), E_want)
+        for base in (objects.clip_probabilities, objects.object_max_probabilities):
+            assert torch.equal(base(feats, text.to(dev), 100.0).cpu(), base(feats, text, 100.0))
+        e_x, e_m = m.embed(torch.zeros(2, 3, 32, 128), torch.zeros(2, 1, 3, 32, 128))  # pixels from the CPU
+        assert is_on_virtual_cuda(e_x) and e_m.shape == (2, 1, D)
+        tops = objects.top_words_per_object(pred["object_text"][0].to(dev), feats.valid[0], m.vocabulary, k=2)
+        assert tops == objects.top_words_per_object(want_pred["object_text"][0], feats.valid[0], m.vocabulary, k=2)
+
+
+def test_object_features_with_a_clip_on_the_gpu(bundle) -> None:
+    from course_utils.device_guard import is_on_virtual_cuda, virtual_cuda
+
+    vocab = ["BAR", "CAFE", "JOHNS", "JOINT", "JONES"]
+    want = objects.extract_object_features(bundle, _records(), BoxMaskSource(), vocab)
+    with virtual_cuda() as dev:
+        gpu = loading.ClipBundle(bundle.model.to(dev), bundle.preprocess, bundle.tokenizer, "small", "test")
+        try:
+            f = objects.extract_object_features(gpu, _records(), BoxMaskSource(), vocab)
+            # a detector's boxes on the GPU become CPU masks
+            on_gpu = BoxMaskSource()(Image.new("RGB", (20, 10)), boxes=torch.tensor([[1.0, 1, 8, 6]]).to(dev),
+                                     scores=torch.tensor([0.5]).to(dev))
+        finally:
+            bundle.model.cpu()  # the module-scoped CLIP goes back for the other tests
+    assert not any(is_on_virtual_cuda(t) for t in (f.image_emb, f.object_emb, f.conf, f.valid))
+    for k in ("image_emb", "object_emb", "conf", "valid", "targets", "lexicon", "counts"):
+        torch.testing.assert_close(getattr(f, k), getattr(want, k), msg=k)
+    assert on_gpu.masks.device.type == "cpu" and int(on_gpu.masks.sum()) == 35 and on_gpu.boxes.tolist() == [[1, 1, 8, 6]]
+
+
+def test_finetune_start_clip_leaves_no_temporary_folder(tmp_path, monkeypatch) -> None:
+    """The run's checkpoints (8 ViT-B/32 files in ``full``) go to a temporary folder that is
+    removed once the chosen weights are in the model, also when fine-tuning fails."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen: list = []
+
+    def fake_finetune_and_select(bundle, train, test, svt_cfg, ckpt_dir, **kw):
+        seen.append(ckpt_dir)
+        for e in (1, 2):  # what fit would leave there
+            (ckpt_dir / f"epoch_{e:03d}.pt").write_bytes(b"x" * 100)
+        if svt_cfg.get("fail"):
+            raise RuntimeError("fine-tuning stopped")
+        return SimpleNamespace(best={"epoch": 2, "precision": 0.5}, zero_shot={"precision": 0.25},
+                               ev=SimpleNamespace(unit="crop"))
+
+    monkeypatch.setattr(ro, "finetune_and_select", fake_finetune_and_select)
+    b = SimpleNamespace(weights="weights: test", info={})
+    line = ro.finetune_start_clip(b, None, None, {"seed": 0, "ft_epochs": 2})
+    assert "checkpoint +2 of 2" in line and b.info["finetuned"] and b.weights.endswith(line)
+    assert seen[0].parent == tmp_path and not seen[0].exists()
+    with pytest.raises(RuntimeError, match="stopped"):
+        ro.finetune_start_clip(b, None, None, {"seed": 0, "ft_epochs": 2, "fail": True})
+    assert not seen[1].exists()
+    assert list(tmp_path.iterdir()) == []

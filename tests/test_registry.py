@@ -17,10 +17,8 @@ from course_utils.registry import (
     ChecksumError,
     Entry,
     OfflineError,
-    RegistryError,
     fetch,
     fetch_or_fallback,
-    open_clip_pretrained_available,
     register,
     zip_contains,
 )
@@ -64,10 +62,10 @@ def source(tmp_path: Path) -> Path:
     return p
 
 
-def make_entry(sha256: str | None = None, **kw: Any) -> Entry:
+def make_entry(sha256: str | None = hashlib.sha256(PAYLOAD).hexdigest(), **kw: Any) -> Entry:
     defaults: dict[str, Any] = dict(
         name="tiny", urls=["https://example.invalid/a/tiny.bin", "https://example.invalid/b/tiny.bin"],
-        sha256=sha256 or hashlib.sha256(PAYLOAD).hexdigest(), filename="tiny.bin",
+        sha256=sha256, filename="tiny.bin",
         kind="weights", description="test file", fallback="the built-in tiny model")
     defaults.update(kw)
     return register(Entry(**defaults), overwrite=True)
@@ -224,42 +222,103 @@ def test_entry_validation() -> None:
     with pytest.raises(ValueError, match="sha256_note"):
         Entry(name="t", urls=["x"], sha256=None, filename="t.bin", kind="weights",
               description="", fallback="")
-    with pytest.raises(ValueError, match="64 hex"):
+    with pytest.raises(ValueError, match="sha256 must be 64 hex"):
         make_entry(sha256="01ec64")
     with pytest.raises(ValueError, match="already has"):
         register(Entry(name="svt", urls=["x"], sha256=None, sha256_note="t", filename="s.zip",
                        kind="dataset", description="", fallback=""))
     with pytest.raises(KeyError, match="known entries"):
         fetch("no_such_entry")
+    with pytest.raises(ValueError, match="at least one URL"):
+        make_entry(urls=[])
 
 
 def test_course_entries_are_registered() -> None:
     names = {e.name for e in registry.list_entries()}
-    assert {"sam_vit_b", "svt", "clip_vit_b32_openai"} <= names
+    assert {"sam_vit_b", "svt", "mobilenet_v2_imagenet", "clip_vit_b32_openai"} <= names
     sam = registry.get_entry("sam_vit_b")
     assert sam.urls[0] == "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
     assert sam.sha256 is not None and sam.cached_path().parent.name == "weights"
+    assert "box masks" in sam.fallback and "data/" not in sam.fallback  # what masks.py really does
     svt = registry.get_entry("svt")
     assert svt.filename == "svt.zip" and svt.verify is not None and svt.kind == "dataset"
-    with pytest.raises(RegistryError, match="open_clip"):
-        fetch("clip_vit_b32_openai")
 
 
-def test_open_clip_pretrained_available_reads_only_the_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    pytest.importorskip("open_clip")
-    # Any network access would be a bug: make it fail loudly.
-    monkeypatch.setattr(requests.Session, "request",
-                        lambda *a, **k: pytest.fail("open_clip_pretrained_available used the network"))
-    hf_cache = tmp_path / "hf"
-    assert not open_clip_pretrained_available("ViT-B-32", "openai", cache_dir=hf_cache)
-    assert not open_clip_pretrained_available("ViT-B-32", "no-such-tag", cache_dir=hf_cache)
-    # The layout huggingface_hub uses for a cached file of timm/vit_base_patch32_clip_224.openai.
-    repo = hf_cache / "models--timm--vit_base_patch32_clip_224.openai"
-    commit = "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    (repo / "snapshots" / commit / "open_clip_model.safetensors").write_bytes(b"x")
-    assert open_clip_pretrained_available("ViT-B-32", "openai", cache_dir=hf_cache)
+def test_mobilenet_entry_is_torchvisions_imagenet1k_v1() -> None:
+    from torchvision.models import MobileNet_V2_Weights
+
+    entry = registry.get_entry("mobilenet_v2_imagenet")
+    url = MobileNet_V2_Weights.IMAGENET1K_V1.url
+    assert entry.urls == (url,) and entry.filename == url.rsplit("/", 1)[1]
+    # torchvision's file names carry the first hex digits of the sha256 (torch.hub's check_hash)
+    assert entry.sha256 is None and entry.filename == f"mobilenet_v2-{entry.sha256_prefix}.pth"
+    assert entry.sha256_note and entry.verify is registry.mobilenet_v2_state_dict
+
+
+def test_clip_entry_is_open_clips_quickgelu_openai_file() -> None:
+    from open_clip.pretrained import get_pretrained_cfg
+
+    entry = registry.get_entry("clip_vit_b32_openai")
+    cfg = get_pretrained_cfg("ViT-B-32-quickgelu", "openai")
+    assert entry.urls == (cfg["url"],) and cfg["quick_gelu"]
+    assert entry.urls[0].split("/")[-2] == entry.sha256  # OpenAI's URLs carry the sha256
+    # the description must not recommend plain ViT-B-32, which drops QuickGELU
+    assert "'ViT-B-32-quickgelu'" in entry.description and "'ViT-B-32'," not in entry.description
+
+
+def test_docstring_example_line_is_what_prints(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    doc = registry.__doc__.splitlines()
+    example = doc[doc.index(next(d for d in doc if "nothing cached::" in d)) + 2].strip()
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    fetch_or_fallback("sam_vit_b", fallback=lambda: None)
+    assert capsys.readouterr().out.splitlines() == [example]
+    assert f"within {registry.HTTP_TIMEOUT_S:g} s" in registry.__doc__
+
+
+def test_sha256_prefix_is_checked(source: Path) -> None:
+    digest = hashlib.sha256(PAYLOAD).hexdigest()
+    entry = make_entry(sha256=None, sha256_note="test", sha256_prefix=digest[:8])
+    assert fetch("tiny", downloader=CopyDownloader(source)) == entry.cached_path()
+    _, where = fetch_or_fallback("tiny", lambda: None)
+    assert f"sha256 prefix {digest[:8]} verified" in where
+    entry.cached_path().unlink()
+    other = "0" * 8 if digest[:8] != "0" * 8 else "1" * 8
+    make_entry(sha256=None, sha256_note="test", sha256_prefix=other)
+    with pytest.raises(ChecksumError, match="tiny.bin") as info:
+        fetch("tiny", downloader=CopyDownloader(source))
+    assert info.value.reason == "sha256 mismatch" and not entry.cached_path().exists()
+
+
+def test_entry_validation_of_hashes() -> None:
+    with pytest.raises(ValueError, match="sha256_prefix must be 4 to 63 hex"):
+        make_entry(sha256=None, sha256_note="t", sha256_prefix="xyz1")
+    with pytest.raises(ValueError, match="does not start with sha256_prefix"):
+        make_entry(sha256="a" * 64, sha256_prefix="abcd")
+    assert make_entry(sha256="A" * 64, sha256_prefix="AAAA").sha256_prefix == "aaaa"  # lower-cased
+
+
+def test_corrupt_cached_copy_is_said_in_one_line(source: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    entry = make_entry()
+    fetch("tiny", downloader=CopyDownloader(source))
+    entry.cached_path().write_bytes(b"corrupt")
+    capsys.readouterr()
+    assert fetch("tiny", downloader=CopyDownloader(source)).read_bytes() == PAYLOAD
+    assert capsys.readouterr().out.splitlines() == [
+        "[download] the cached tiny.bin is corrupt (sha256 mismatch); downloading tiny again."]
+    assert registry.cached_copy("tiny") == entry.cached_path()
+    entry.cached_path().write_bytes(b"corrupt")
+    assert registry.cached_copy("tiny") is None  # checked, never downloaded
+
+
+def test_short_reasons_name_the_failure() -> None:
+    from urllib3.exceptions import IncompleteRead, ProtocolError
+
+    cut = requests.exceptions.ChunkedEncodingError(ProtocolError("Connection broken", IncompleteRead(1024, 3072)))
+    assert registry._short_reason(cut) == "the connection closed after 1024 of 4096 bytes"
+    refused = requests.exceptions.ConnectionError(OSError("x"))
+    refused.__cause__ = ConnectionRefusedError(111, "Connection refused")
+    assert registry._short_reason(refused) == "connection refused"
+    stalled = requests.exceptions.ConnectionError(TimeoutError("timed out"))
+    assert registry._short_reason(stalled) == f"the server did not answer within {registry.HTTP_TIMEOUT_S:g} s"
+    assert registry._short_reason(RuntimeError("x" * 200)).startswith("RuntimeError: xxx")

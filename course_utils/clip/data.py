@@ -8,6 +8,7 @@ else SynthSVT (:mod:`course_utils.synthsvt`, same XML schema) generated once int
 
 from __future__ import annotations
 
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +43,20 @@ class SVTData:
 
 
 def _extract_svt(zip_path: Path) -> Path:
-    """Unpack the real SVT archive next to itself once; return the folder holding ``train.xml``."""
+    """Unpack the real SVT archive next to itself; return the folder holding ``train.xml``.
+
+    The marker file records which archive (name, size, modification time) was unpacked, so a
+    re-downloaded archive is unpacked afresh instead of reusing an older extraction.
+    """
     out = zip_path.parent / "svt"
     marker = out / ".extracted"
-    if not marker.is_file():
+    stat = zip_path.stat()
+    stamp = f"{zip_path.name} {stat.st_size} {stat.st_mtime_ns}"
+    if not marker.is_file() or marker.read_text() != stamp:
+        shutil.rmtree(out, ignore_errors=True)
         with zipfile.ZipFile(zip_path) as zf:
             zf.extractall(out)
-        marker.write_text(zip_path.name)
+        marker.write_text(stamp)
     hits = sorted(out.rglob("train.xml"))
     if not hits:
         raise FileNotFoundError(f"{zip_path}: no train.xml inside the archive (expected svt1/train.xml)")
@@ -62,13 +70,13 @@ def load_svt_data(svt_cfg: dict, *, allow_download: bool = False, verbose: bool 
         svt_cfg: the profile's ``svt`` section (``n_train``, ``n_test``, ``image_size``, ``seed``,
             ``lexicon_size``, ``max_words``).
         allow_download: try to download the real archive (``full`` on Colab); otherwise only a
-            copy already in the course cache is used, so an offline machine never waits.
+            copy already in the course cache that passes the entry's checks is used, so an
+            offline machine never waits.
         verbose: print the source line and each split's counts.
 
     Returns:
         an :class:`SVTData`; the first ``n_train`` / ``n_test`` images of each split are kept.
     """
-    entry = registry.get_entry("svt")
     zip_path: Path | None = None
     reason = ""
     if allow_download:
@@ -77,11 +85,11 @@ def load_svt_data(svt_cfg: dict, *, allow_download: bool = False, verbose: bool 
         except registry.RegistryError as err:
             reason = err.reason
     else:
-        cached = entry.cached_path()
-        if cached.is_file():
-            zip_path = cached
-        else:
-            reason = f"not in the cache at {cached}"
+        # only a copy that passes the entry's checks: a truncated archive must not be unpacked
+        zip_path = registry.cached_copy("svt")
+        cached = registry.get_entry("svt").cached_path()
+        reason = "" if zip_path else (f"the cached copy at {cached} is corrupt" if cached.is_file()
+                                      else f"not in the cache at {cached}")
     if zip_path is not None:
         root, real = _extract_svt(zip_path), True
         source = f"data: real SVT from {zip_path}"

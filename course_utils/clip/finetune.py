@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..devices import module_device, to_device
 from ..history import History
 from ..svt import SVTSplit
 from ..train import fit
@@ -78,15 +79,18 @@ def distinct_pairs(tokens: torch.Tensor) -> torch.Tensor:
     batch what step (a) assumes, ``B`` distinct pairs.  The first occurrence wins, so the choice
     is deterministic.
     """
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens: expected shape (B, context_length), got {tuple(tokens.shape)}")
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
+        raise ValueError(f"tokens: expected shape (B, context_length), got "
+                         f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+    # every helper tensor on the tokens' device: fit hands this function a batch on the GPU
+    dev = tokens.device
     _, inverse = torch.unique(tokens, dim=0, return_inverse=True)
     b = tokens.shape[0]
-    first = torch.full((int(inverse.max()) + 1,) if b else (0,), b, dtype=torch.long)
-    first = first.scatter_reduce(0, inverse, torch.arange(b), reduce="amin")
-    keep = torch.zeros(b, dtype=torch.bool)
+    first = torch.full((int(inverse.max()) + 1,) if b else (0,), b, dtype=torch.long, device=dev)
+    first = first.scatter_reduce(0, inverse, torch.arange(b, device=dev), reduce="amin")
+    keep = torch.zeros(b, dtype=torch.bool, device=dev)
     keep[first] = True
-    return keep.to(tokens.device)
+    return keep
 
 
 def clamp_logit_scale(model: torch.nn.Module) -> torch.Tensor:
@@ -100,17 +104,39 @@ def clamp_logit_scale(model: torch.nn.Module) -> torch.Tensor:
     return model.logit_scale.exp()
 
 
+def _batch_on_model(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a ``(images, tokens)`` batch and move it to ``model``'s device.
+
+    A batch built by hand from a dataset (notebook 07's one-batch demo) is on the CPU while the
+    model is on ``env.device``; :func:`course_utils.train.fit` has already moved its batches, and
+    moving a tensor to where it is returns it unchanged.
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError(f"batch: expected (images (B, 3, H, W), tokens (B, context_length)), got "
+                         f"{type(batch).__name__}" + (f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else ""))
+    images, tokens = batch
+    if not (isinstance(images, torch.Tensor) and isinstance(tokens, torch.Tensor)) or len(images) != len(tokens):
+        raise ValueError("batch: expected two tensors with one row per pair, got "
+                         + " and ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+                                        for t in (images, tokens)))
+    images, tokens = to_device((images, tokens), module_device(model))
+    return images, tokens
+
+
 def contrastive_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``step_fn`` for :func:`course_utils.train.fit`: Algorithm 1 on one batch.
 
     Args:
-        batch: ``(images (B, 3, H, W), tokens (B, context_length))``.
+        batch: ``(images (B, 3, H, W), tokens (B, context_length))`` on any device (moved to
+            the model's).
 
     Returns:
-        ``{"loss", "loss_image", "loss_text"}`` (scalars) over the batch's distinct texts
-        (:func:`distinct_pairs`), with the learnt ``1/τ`` capped at :data:`MAX_LOGIT_SCALE`.
+        ``{"loss", "loss_image", "loss_text"}`` (scalars, on the model's device) over the
+        batch's distinct texts (:func:`distinct_pairs`), with the learnt ``1/τ`` capped at
+        :data:`MAX_LOGIT_SCALE`.
     """
-    images, tokens = batch
+    images, tokens = _batch_on_model(model, batch)
     keep = distinct_pairs(tokens)
     images, tokens = images[keep], tokens[keep]
     return clip_contrastive_loss(model.encode_image(images), model.encode_text(tokens), clamp_logit_scale(model))
@@ -173,7 +199,10 @@ def training_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tenso
     """One iteration of Algorithm 1's loop, steps (b)-(i): forward, loss, backward, update.
 
     Args:
-        batch: ``(images (B, 3, H, W), tokens (B, context_length))``, pair ``b`` matching.
+        model: an open_clip ``CLIP`` (``encode_image``, ``encode_text``, ``logit_scale``), on any device.
+        batch: ``(images (B, 3, H, W), tokens (B, context_length))``, pair ``b`` matching; on
+            the CPU or the model's device (moved to the model's by :func:`contrastive_step`).
+        optimizer: over ``model``'s parameters.
 
     Returns:
         ``{"loss", "loss_image", "loss_text"}`` as Python floats (before the update).

@@ -5,9 +5,10 @@ saying which weights run):
 
 * ``"full"`` — open_clip ViT-B/32 with OpenAI weights, run with QuickGELU as they were trained
   (``ViT-B-32-quickgelu``; plain ``ViT-B-32`` + ``openai`` silently loses accuracy), or
-  ``laion2b_s34b_b79k`` as a second choice.  Used when open_clip's cache holds them, or when the
-  network may be used (:func:`course_utils.registry.offline_mode`) and they download; otherwise
-  the course's small CLIP, said in one line;
+  ``laion2b_s34b_b79k`` as a second choice, from open_clip's own cache when it holds them, else
+  OpenAI's file downloaded by :func:`course_utils.registry.fetch` (``COURSE_OFFLINE=1``: no
+  socket); otherwise, said in one line, the course's small CLIP or (``when_unavailable="random"``)
+  the same ViT-B-32-quickgelu with random weights;
 * ``"small"`` — the course's small CLIP (:mod:`course_utils.clip.small`) from ``data/small_clip``;
 * ``"random"`` — a randomly initialised small CLIP, said loudly; also what ``"small"`` gives while
   the shipped weights do not exist yet (``random_if_missing``), so the course runs end to end.
@@ -18,7 +19,10 @@ saying which weights run):
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,9 +32,10 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.pretrained import get_pretrained_cfg
 from PIL import Image
 
-from ..registry import offline_mode, open_clip_pretrained_available
+from .. import registry
 from .small import (
     SMALL_CLIP_DIR,
     SMALL_CLIP_WEIGHTS,
@@ -44,25 +49,29 @@ from .small import (
 __all__ = [
     "CLIP_KINDS",
     "FULL_CLIP_CHOICES",
+    "FULL_CLIP_ENTRY",
     "ClipBundle",
     "encode_images",
     "encode_texts",
     "eval_unit",
     "load_clip",
     "load_clip_weights",
+    "open_clip_cached_file",
+    "open_clip_pretrained_available",
     "pretraining_overlap",
 ]
 
 #: what :func:`load_clip` can be asked for
 CLIP_KINDS = ("full", "small", "random")
 
-#: open_clip (architecture, pretrained tag) pairs tried in order for ``kind="full"``; the OpenAI
-#: weights were trained with QuickGELU, which the ``-quickgelu`` config matches
+#: open_clip (architecture, pretrained tag) pairs ``kind="full"`` uses, in order, when open_clip's
+#: own cache holds them; the OpenAI weights were trained with QuickGELU, which the ``-quickgelu``
+#: config matches (plain ``ViT-B-32`` with them silently loses accuracy)
 FULL_CLIP_CHOICES = (("ViT-B-32-quickgelu", "openai"), ("ViT-B-32", "laion2b_s34b_b79k"))
 
-#: the host open_clip downloads ViT-B/32 from; probed once (unless ``COURSE_OFFLINE``) so an
-#: offline machine does not wait a minute for open_clip's retries
-HF_HOST = "huggingface.co"
+#: the registry entry of the first choice's weights, downloaded when open_clip's cache has none
+FULL_CLIP_ENTRY = "clip_vit_b32_openai"
+
 
 
 @dataclass
@@ -159,50 +168,155 @@ def _random_small(device: torch.device, why: str) -> ClipBundle:
     return ClipBundle(model, small_clip_preprocess, small_clip_tokenizer(), "small", line, {"random_init": True})
 
 
+# --------------------------------------------------------------------------------------------
+# ViT-B/32: from open_clip's cache, else the registry's download, else the fallback
+# --------------------------------------------------------------------------------------------
+
+
+def open_clip_cached_file(model: str = "ViT-B-32", tag: str = "openai",
+                          cache_dir: str | Path | None = None) -> Path | None:
+    """The file of open_clip's pretrained ``tag`` for ``model`` in open_clip's own cache, or ``None``.
+
+    Looks where ``open_clip.pretrained.download_pretrained`` puts it: the Hugging Face hub copy
+    (checked with ``huggingface_hub.try_to_load_from_cache``, which never touches the network;
+    open_clip prefers a ``.safetensors`` twin), or the file of the config's URL in ``cache_dir``
+    or ``~/.cache/clip``.  Pass the ``cache_dir`` you would pass to open_clip.  Never downloads.
+    """
+    cfg = get_pretrained_cfg(model, tag)
+    if not cfg:
+        return None
+    candidates = [Path(cfg["file"])] if cfg.get("file") else []
+    if cfg.get("hf_hub"):
+        candidates += _hf_cached_files(cfg["hf_hub"], cache_dir)
+    if cfg.get("url"):
+        root = Path(cache_dir) if cache_dir else Path("~/.cache/clip").expanduser()
+        candidates.append(root / os.path.basename(cfg["url"]))
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def open_clip_pretrained_available(model: str = "ViT-B-32", tag: str = "openai",
+                                   cache_dir: str | Path | None = None) -> bool:
+    """Whether open_clip's own cache holds ``pretrained=tag`` for ``model`` (see
+    :func:`open_clip_cached_file`); never touches the network."""
+    return open_clip_cached_file(model, tag, cache_dir) is not None
+
+
+def _hf_cached_files(hf_hub: str, cache_dir: str | Path | None) -> list[Path]:
+    """The cached files of open_clip's ``hf_hub`` entry, ``"org/repo/filename"`` or ``"org/repo/"``
+    (default file name), its ``.safetensors`` twin first."""
+    try:
+        from huggingface_hub import try_to_load_from_cache  # optional for open_clip
+    except ImportError:
+        return []
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    repo_id, filename = os.path.split(hf_hub)
+    filename = filename or HF_WEIGHTS_NAME
+    names = [filename]
+    if filename == HF_WEIGHTS_NAME:
+        names.insert(0, HF_SAFE_WEIGHTS_NAME)
+    elif filename.endswith((".bin", ".pth")):
+        names.insert(0, filename[:-4] + ".safetensors")
+    found = [try_to_load_from_cache(repo_id, n, cache_dir=str(cache_dir) if cache_dir else None)
+             for n in names]
+    return [Path(f) for f in found if isinstance(f, str)]
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (OpenAI's CLIP release format) rather than a
+    state dict: torch's own test, a ``constants.pkl`` record in the zip."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError):  # a legacy (non-zip) pickle is never TorchScript
+        return False
+
+
 @contextmanager
-def _hub_offline(offline: bool) -> Iterator[None]:
-    """While loading, tell the Hugging Face hub client to use its cache only when offline."""
-    if not offline:
-        yield
-        return
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
+def _no_root_warnings() -> Iterator[None]:
+    """Drop warnings sent to the root logger meanwhile: open_clip logs "Model initialized
+    randomly" there, which our own line already says.  The NullHandler keeps ``logging.warning``
+    from configuring the root logger of the notebook as a side effect."""
+    root, handler, disabled = logging.getLogger(), logging.NullHandler(), logging.root.manager.disable
+    root.addHandler(handler)
+    logging.disable(logging.WARNING)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
+        logging.disable(disabled)
+        root.removeHandler(handler)
 
 
-def _load_full(device: torch.device, choices: Sequence[tuple[str, str]], offline: bool) -> ClipBundle:
-    """The first of ``choices`` open_clip can load (from its cache only when ``offline``)."""
-    last: Exception | None = None
-    for arch, tag in choices:
-        try:
-            with _hub_offline(offline):
-                model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag)
-        except Exception as err:  # noqa: BLE001 - any download/cache failure means "try the next"
-            last = err
+def _full_bundle(model: torch.nn.Module, preprocess: Callable, arch: str, device: torch.device,
+                 line: str, info: dict[str, Any]) -> ClipBundle:
+    tokenizer = open_clip.get_tokenizer(arch)
+    return ClipBundle(model.to(device).eval(), preprocess, lambda t, tok=tokenizer: tok(list(t)),
+                      "full", line, info)
+
+
+def _load_full(device: torch.device, arch: str, tag: str, checkpoint: Path, origin: str) -> ClipBundle:
+    """open_clip ``arch`` with the weights of its pretrained ``tag`` read from the local file
+    ``checkpoint`` (``create_model_and_transforms(arch, pretrained=<file>)``).
+
+    open_clip applies a tag's preprocessing only when given the tag itself, so it is passed here.
+    torch reads a TorchScript archive only with ``weights_only=False``: such a file (and only
+    such) is read so; it comes sha256-checked from the registry, or from open_clip's cache.
+    """
+    cfg = get_pretrained_cfg(arch, tag) or {}
+    torchscript = _is_torchscript_archive(checkpoint)
+    with warnings.catch_warnings():
+        # expected for OpenAI's archive: torch.load hands it to torch.jit.load, which is deprecated
+        warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=FutureWarning)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=str(checkpoint), weights_only=not torchscript,
+            image_mean=cfg.get("mean"), image_std=cfg.get("std"),
+            image_interpolation=cfg.get("interpolation"), image_resize_mode=cfg.get("resize_mode"))
+    return _full_bundle(model, preprocess, arch, device, f"weights: open_clip {arch} pretrained={tag} ({origin})",
+                        {"arch": arch, "pretrained": tag, "checkpoint": str(checkpoint)})
+
+
+def _random_full(device: torch.device, why: str) -> ClipBundle:
+    """ViT-B-32-quickgelu with random weights (seed 0, so that reruns start from the same ones)."""
+    arch = FULL_CLIP_CHOICES[0][0]
+    with torch.random.fork_rng(), _no_root_warnings():
+        torch.manual_seed(0)
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+    line = f"weights: open_clip {arch} randomly initialised ({why}) - the numbers below mean nothing"
+    return _full_bundle(model, preprocess, arch, device, line,
+                        {"arch": arch, "pretrained": "random", "random_init": True})
+
+
+def _full_or_fallback(device: torch.device, when_unavailable: str) -> ClipBundle | None:
+    """ViT-B/32 from open_clip's cache, else from the registry; ``None`` means "use the small CLIP"."""
+    for arch, tag in FULL_CLIP_CHOICES:
+        cached = open_clip_cached_file(arch, tag)
+        if cached is None:
             continue
-        tokenizer = open_clip.get_tokenizer(arch)
-        return ClipBundle(model.to(device).eval(), preprocess, lambda t, tok=tokenizer: tok(list(t)),
-                          "full", f"weights: open_clip {arch} pretrained={tag}", {"arch": arch, "pretrained": tag})
-    raise RuntimeError(f"could not load open_clip ViT-B/32 weights ({last})")
+        try:
+            return _load_full(device, arch, tag, cached, f"open_clip's cache, {cached}")
+        except Exception as err:  # noqa: BLE001 - a damaged cache file: try the next source
+            print(f"open_clip's cached {arch} {tag} weights ({cached}) do not load "
+                  f"({type(err).__name__}); trying the next source")
+    random = when_unavailable == "random"
+    text = f"open_clip {FULL_CLIP_CHOICES[0][0]} with RANDOM weights" if random else None
+    got, source = registry.fetch_or_fallback(FULL_CLIP_ENTRY, fallback=lambda: None, fallback_text=text)
+    if isinstance(got, Path):
+        return _load_full(device, *FULL_CLIP_CHOICES[0], got, source)
+    return _random_full(device, f"{FULL_CLIP_ENTRY} unavailable") if random else None
 
 
 def load_clip(kind: str = "full", device: str | torch.device | None = None,
               weights_dir: str | Path | None = None, verbose: bool = True,
-              random_if_missing: bool = True) -> ClipBundle:
+              random_if_missing: bool = True, when_unavailable: str = "fallback") -> ClipBundle:
     """Load a CLIP for word spotting and print one line saying which weights run.
 
     Args:
-        kind: one of :data:`CLIP_KINDS`.  ``"full"`` tries open_clip ViT-B/32
-            (:data:`FULL_CLIP_CHOICES`): from open_clip's cache when it holds them, else by
-            download unless :func:`course_utils.registry.offline_mode` says to stay off the
-            network (``COURSE_OFFLINE=1``: no socket is opened); failing both, the small CLIP,
-            with one printed line saying why.  ``"small"`` loads the course's small CLIP;
+        kind: one of :data:`CLIP_KINDS`.  ``"full"`` loads open_clip ViT-B/32: the first of
+            :data:`FULL_CLIP_CHOICES` that open_clip's own cache holds, else OpenAI's weights
+            downloaded by :func:`course_utils.registry.fetch` (entry :data:`FULL_CLIP_ENTRY`,
+            sha256-checked; ``COURSE_OFFLINE=1`` opens no socket), else what ``when_unavailable``
+            says, after one printed line saying why.  ``"small"`` loads the course's small CLIP;
             ``"random"`` a randomly initialised one.
         device: where to put the model (default CPU).
         weights_dir: folder of the small CLIP (default ``data/small_clip``).
@@ -210,29 +324,25 @@ def load_clip(kind: str = "full", device: str | torch.device | None = None,
         random_if_missing: when the small CLIP's weights file does not exist (before
             ``tools/pretrain_small_clip.py`` has run) use a random small CLIP, said loudly,
             instead of raising ``FileNotFoundError``.
+        when_unavailable: ``kind="full"`` without pretrained weights: ``"fallback"`` (the
+            course's small CLIP, the documented fallback) or ``"random"`` (the same ViT-B-32-quickgelu
+            with random weights, so that the full code path still runs).
 
     Returns:
         a :class:`ClipBundle` in eval mode.
     """
     if kind not in CLIP_KINDS:
         raise ValueError(f"load_clip: kind={kind!r}, expected one of {CLIP_KINDS}")
+    if when_unavailable not in registry.WHEN_UNAVAILABLE:
+        raise ValueError(f"load_clip: when_unavailable={when_unavailable!r}, "
+                         f"expected one of {registry.WHEN_UNAVAILABLE}")
     device = torch.device(device or "cpu")
     weights_dir = Path(weights_dir) if weights_dir is not None else SMALL_CLIP_DIR
     bundle: ClipBundle | None = None
     if kind == "random":
         bundle = _random_small(device, "asked for")
     elif kind == "full":
-        cached = [c for c in FULL_CLIP_CHOICES if open_clip_pretrained_available(*c)]
-        offline = offline_mode(probe_host=HF_HOST) if not cached else offline_mode()
-        if cached or not offline:
-            try:
-                bundle = _load_full(device, cached or FULL_CLIP_CHOICES, offline)
-            except RuntimeError as err:
-                reason = str(err)
-        else:
-            reason = ("COURSE_OFFLINE=1 is set" if offline_mode() else "no network") + " and no cached download"
-        if bundle is None:
-            print(f"open_clip ViT-B/32 unavailable ({reason}); using the course's small CLIP instead")
+        bundle = _full_or_fallback(device, when_unavailable)
     if bundle is None:
         try:
             bundle = _load_small(weights_dir, device)

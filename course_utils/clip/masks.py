@@ -23,6 +23,7 @@ image with no object is valid (``K = 0``); ODITS then falls back to the image al
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,7 +42,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from ..registry import fetch_or_fallback
+from ..registry import WHEN_UNAVAILABLE, fetch_or_fallback
 
 __all__ = [
     "TABLE_3_2",
@@ -157,6 +158,9 @@ def check_masks(masks: torch.Tensor, confidence: torch.Tensor,
     H, W = _hw(image)
     if not isinstance(masks, torch.Tensor):
         masks = torch.as_tensor(np.asarray(masks))
+    # object masks are image-sized pictures for PIL and figures: they live on the CPU, whatever
+    # device the source (a detector, SAM) computed them on
+    masks = masks.cpu()
     if masks.ndim != 3:
         raise MaskError(f"{where}: expected masks of shape (K, {H}, {W}), got {tuple(masks.shape)} "
                         f"({masks.ndim} dimensions)")
@@ -168,7 +172,7 @@ def check_masks(masks: torch.Tensor, confidence: torch.Tensor,
             raise MaskError(f"{where}: masks must be binary (0/1 or bool), got values in "
                             f"[{float(masks.min()):.3g}, {float(masks.max()):.3g}] of dtype {masks.dtype}")
         masks = masks.bool()
-    confidence = torch.as_tensor(confidence, dtype=torch.float32).flatten()
+    confidence = torch.as_tensor(confidence, dtype=torch.float32).cpu().flatten()
     if confidence.shape != (masks.shape[0],):
         raise MaskError(f"{where}: confidence has shape {tuple(confidence.shape)}, expected "
                         f"({masks.shape[0]},) — one per mask")
@@ -184,8 +188,10 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
 
     ``x2``/``y2`` are exclusive (one past the last pixel), the convention of PIL's ``crop``.  An
     empty mask gets the all-zero box.  (``torchvision.ops.masks_to_boxes`` uses inclusive
-    corners and fails on empty masks, hence this small variant.)
+    corners and fails on empty masks, hence this small variant.)  The boxes are for drawing and
+    cropping, so they come back on the CPU whatever the masks' device.
     """
+    masks = masks.cpu()
     K = masks.shape[0]
     out = torch.zeros(K, 4)
     for k in range(K):
@@ -249,9 +255,10 @@ class BoxMaskSource:
             words = list(getattr(record, "words", []))
             boxes = torch.tensor([w.xyxy for w in words], dtype=torch.float32).reshape(-1, 4)
             labels = [w.tag for w in words]
-        boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        # a detector's boxes and scores may come from the GPU; masks are built on the CPU
+        boxes = torch.as_tensor(boxes, dtype=torch.float32).cpu().reshape(-1, 4)
         scores = (torch.ones(len(boxes)) if scores is None
-                  else torch.as_tensor(scores, dtype=torch.float32).flatten())
+                  else torch.as_tensor(scores, dtype=torch.float32).cpu().flatten())
         if scores.shape != (len(boxes),):
             raise MaskError(f"BoxMaskSource: {len(boxes)} boxes but scores of shape {tuple(scores.shape)}")
         labels = list(labels) if labels is not None else [""] * len(boxes)
@@ -298,11 +305,22 @@ class SamMaskSource:
         self.generator = SamAutomaticMaskGenerator(sam, **self.settings)
         self.max_objects = max_objects
         self.name = f"{description} automatic masks"
+        # The last few images' masks: a notebook shows one image's objects, then extracts every
+        # image's, and SAM takes minutes per image on a CPU.  Keyed by the pixels themselves.
+        self._recent: dict[str, ObjectMasks] = {}
 
     @torch.no_grad()
     def __call__(self, image: Image.Image, record: Any | None = None) -> ObjectMasks:
         """Masks of ``image`` (``record`` is ignored: SAM needs no annotation)."""
         array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        key = hashlib.sha1(array.tobytes()).hexdigest() + str(array.shape)
+        if key not in self._recent:
+            if len(self._recent) >= 4:
+                self._recent.pop(next(iter(self._recent)))
+            self._recent[key] = self._generate(array)
+        return self._recent[key]
+
+    def _generate(self, array: np.ndarray) -> ObjectMasks:
         H, W = array.shape[:2]
         found = self.generator.generate(array)
         found.sort(key=lambda m: -float(m["predicted_iou"]))
@@ -351,8 +369,18 @@ def tiny_sam(image_size: int = 64, dim: int = 32, seed: int = 0) -> torch.nn.Mod
     return sam.eval()
 
 
-def load_sam_vit_b(checkpoint: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """SAM ViT-B with the weights in ``checkpoint`` (read with ``weights_only=True``)."""
+def load_sam_vit_b(checkpoint: str | Path | None, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """SAM ViT-B with the weights in ``checkpoint`` (a state dict, read with ``weights_only=True``).
+
+    ``checkpoint=None`` gives SAM ViT-B with random weights (seed 0, so reruns see the same
+    masks): the full code path runs, but its masks mean nothing.
+    """
+    if checkpoint is None:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return sam_model_registry["vit_b"](checkpoint=None).to(device).eval()
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"load_sam_vit_b: {checkpoint}: no such file (expected a SAM ViT-B state dict)")
     sam = sam_model_registry["vit_b"](checkpoint=None)
     state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
     sam.load_state_dict(state)
@@ -361,19 +389,24 @@ def load_sam_vit_b(checkpoint: str | Path, device: str | torch.device = "cpu") -
 
 def load_mask_source(kind: str = "boxes", device: str | torch.device = "cpu",
                      max_objects: int | None = None,
-                     fetch: Callable[..., tuple[Any, str]] | None = None) -> tuple[MaskSource, str]:
+                     fetch: Callable[..., tuple[Any, str]] | None = None,
+                     when_unavailable: str = "fallback") -> tuple[MaskSource, str]:
     """The mask source of a profile, and one line saying what really runs.
 
     Args:
-        kind: ``"sam"`` (SAM ViT-B through the registry entry ``sam_vit_b``, sha256-checked;
-            falls back to box masks with one printed line when it cannot be downloaded) or
+        kind: ``"sam"`` (SAM ViT-B through the registry entry ``sam_vit_b``, sha256-checked) or
             ``"boxes"`` (word rectangles).
         max_objects: cap on objects per image.
         fetch: replaces :func:`course_utils.registry.fetch_or_fallback` (tests).
+        when_unavailable: what ``"sam"`` uses when the checkpoint cannot be had, after one
+            printed line saying why: ``"fallback"`` (box masks, the documented fallback) or
+            ``"random"`` (SAM ViT-B with random weights, so the full code path still runs).
 
     Returns:
         ``(source, description)``.
     """
+    if when_unavailable not in WHEN_UNAVAILABLE:
+        raise ValueError(f"load_mask_source: when_unavailable={when_unavailable!r}, expected one of {WHEN_UNAVAILABLE}")
     if kind == "boxes":
         src = BoxMaskSource(max_objects=max_objects)
         return src, "box masks from the SVT word rectangles (oracle boxes, confidence 1)"
@@ -381,10 +414,13 @@ def load_mask_source(kind: str = "boxes", device: str | torch.device = "cpu",
         raise ValueError(f"load_mask_source: kind={kind!r}, expected 'sam' or 'boxes'")
     if fetch is None:
         fetch = fetch_or_fallback
+    random = when_unavailable == "random"
     box_src = BoxMaskSource(max_objects=max_objects)
-    got, how = fetch("sam_vit_b", fallback=lambda: box_src,
-                     fallback_text="box masks from the SVT word rectangles")
+    # the registry prints the one line saying why; its text after "using" is the entry's fallback
+    got, how = fetch("sam_vit_b", fallback=lambda: None if random else box_src,
+                     fallback_text="SAM ViT-B with RANDOM weights (its masks mean nothing)" if random else None)
     if isinstance(got, BoxMaskSource):
         return got, how
     sam = load_sam_vit_b(got, device)
-    return SamMaskSource(sam, max_objects=max_objects, description="SAM ViT-B"), how
+    name = "SAM ViT-B" if got is not None else "SAM ViT-B with RANDOM weights"
+    return SamMaskSource(sam, max_objects=max_objects, description=name), how

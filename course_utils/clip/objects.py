@@ -33,6 +33,7 @@ from scipy import stats
 from scipy.stats import gaussian_kde
 from tqdm.auto import tqdm
 
+from ..devices import same_device
 from .loading import ClipBundle
 from .masks import MaskSource, ObjectMasks, check_masks, masks_to_boxes
 from .wordspotting import positives_matrix, word_image_probabilities
@@ -154,7 +155,9 @@ def extract_object_features(bundle: ClipBundle, records: Sequence[Any], mask_sou
         background, crop: how objects become images (see :func:`object_image`).
 
     Returns:
-        :class:`ObjectFeatures`.
+        :class:`ObjectFeatures`, on the CPU (a dataset: :func:`course_utils.train.fit` and
+        :func:`course_utils.clip.odits.predict` move its batches to the model's device); the
+        images are encoded on ``bundle``'s device.
     """
     if not vocabulary:
         raise ValueError("extract_object_features: the vocabulary is empty")
@@ -176,7 +179,8 @@ def extract_object_features(bundle: ClipBundle, records: Sequence[Any], mask_sou
         for j in keep:
             crops.append(object_image(image, objs.masks[j], background=background, crop=crop))
             owner.append(i)
-        confs.append(objs.confidence[keep])
+        # a plugged-in source may hand back GPU tensors: the features are assembled on the CPU
+        confs.append(objs.confidence[keep].cpu())
         labels.append([objs.labels[j] for j in keep] if objs.labels else [])
     e_x = bundle.encode_images(images, batch_size=batch_size)
     d = e_x.shape[1]
@@ -289,7 +293,11 @@ def format_anderson_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def clip_probabilities(feats: ObjectFeatures, text_emb: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """The CLIP baseline: ``softmax(s · E_X E_T^T)`` over the vocabulary, ``(N, n)``."""
+    """The CLIP baseline: ``softmax(s · E_X E_T^T)`` over the vocabulary, ``(N, n)``.
+
+    ``text_emb`` ``(n, d)`` may be on another device than ``feats``; the result is on the
+    accelerator when either is there (:func:`course_utils.clip.devices.common_device`).
+    """
     return word_image_probabilities(feats.image_emb, text_emb, logit_scale)
 
 
@@ -298,14 +306,26 @@ def object_max_probabilities(feats: ObjectFeatures, text_emb: torch.Tensor, logi
 
     ``logit_ik = s · max_j cos(E_M_j, E_T_k)`` over image ``i``'s objects (the image itself when
     it has none), then a softmax over the vocabulary.  It tells how much of ODITS's result the
-    objects alone explain, without any learnt fusion.  Returns ``(N, n)``.
+    objects alone explain, without any learnt fusion.
+
+    Args:
+        feats: the split's features (``object_emb (N, K, d)``, ``valid (N, K)``, ``image_emb (N, d)``).
+        text_emb: ``(n, d)`` L2-normalised word embeddings, on any device.
+        logit_scale: ``s = 1/τ``.
+
+    Returns:
+        ``(N, n)`` probabilities, on the accelerator when ``feats`` or ``text_emb`` is there.
     """
-    cos_obj = torch.einsum("nkd,wd->nkw", F.normalize(feats.object_emb, dim=-1), text_emb)
-    cos_obj = cos_obj.masked_fill(~feats.valid[:, :, None], float("-inf"))
+    if not isinstance(text_emb, torch.Tensor) or text_emb.ndim != 2 or text_emb.shape[1] != feats.image_emb.shape[1]:
+        raise ValueError(f"text_emb: expected (n, {feats.image_emb.shape[1]}), got "
+                         f"{tuple(text_emb.shape) if isinstance(text_emb, torch.Tensor) else type(text_emb).__name__}")
+    object_emb, valid, image_emb, text_emb = same_device(feats.object_emb, feats.valid, feats.image_emb, text_emb)
+    cos_obj = torch.einsum("nkd,wd->nkw", F.normalize(object_emb, dim=-1), text_emb)
+    cos_obj = cos_obj.masked_fill(~valid[:, :, None], float("-inf"))
     best = cos_obj.max(dim=1).values if cos_obj.shape[1] else torch.full(
-        (len(feats), text_emb.shape[0]), float("-inf"))
-    img = feats.image_emb @ text_emb.T
-    none = ~feats.valid.any(dim=1)
+        (len(feats), text_emb.shape[0]), float("-inf"), device=text_emb.device)
+    img = image_emb @ text_emb.T
+    none = ~valid.any(dim=1)
     best = torch.where(none[:, None], img, best)
     return (logit_scale * best).softmax(dim=-1)
 
@@ -314,9 +334,10 @@ def top_words_per_object(object_text: torch.Tensor, valid: torch.Tensor, vocabul
                          k: int = 3) -> list[list[tuple[str, float]]]:
     """The ``k`` words each valid object of one image pulls toward (rows of ``P^(i)``).
 
-    Args: ``object_text`` ``(K, n)``; ``valid`` ``(K,)`` bool.  Returns one list per valid object.
+    Args: ``object_text`` ``(K, n)``; ``valid`` ``(K,)`` bool (either on any device).  Returns one
+    list per valid object.
     """
-    rows = object_text[valid.bool()]
+    rows = object_text[valid.bool().to(object_text.device)]
     vals, idx = rows.topk(min(k, rows.shape[1]), dim=1) if rows.numel() else (rows, rows.long())
     return [[(vocabulary[j], float(v)) for v, j in zip(vr, ir)] for vr, ir in zip(vals.tolist(), idx.tolist())]
 
@@ -343,7 +364,7 @@ def plot_object_words(image: Image.Image, objects: ObjectMasks, object_text: tor
     n_obj = min(len(objects), object_text.shape[0])
     colours = plt.get_cmap("tab10")
     for j in range(n_obj):
-        m = objects.masks[j].numpy()
+        m = objects.masks[j].cpu().numpy()
         x[m] = 0.6 * x[m] + 0.4 * np.asarray(colours(j % 10)[:3])
     ax.imshow(x)
     lines = []

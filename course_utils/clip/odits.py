@@ -41,18 +41,20 @@ given CLIP (notebook 07's fine-tuned one); the new layers are initialised with X
 uniform from a seeded generator (:func:`init_new_layers_`), and :func:`set_deterministic` sets the
 flags of §3.2.
 
-Objects, their features and the training-free baselines are in :mod:`course_utils.clip.objects`.
+Objects, their features and the training-free baselines are in :mod:`course_utils.clip.objects`;
+the training loss and step in :mod:`course_utils.clip.odits_loss`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import module_device, same_device, to_device
 from ..env import seed_everything
 from .objects import ObjectFeatures
 
@@ -60,14 +62,11 @@ __all__ = [
     "ODITS",
     "CrossAttention",
     "FeatureEnhancerLayer",
-    "class_weighted_loss",
     "init_new_layers_",
     "object_self_attention",
-    "odits_step_fn",
     "predict",
     "set_deterministic",
     "similarity_weighted_embeddings",
-    "word_class_weights",
 ]
 
 
@@ -81,17 +80,25 @@ def similarity_weighted_embeddings(object_emb: torch.Tensor, text_emb: torch.Ten
     Args:
         object_emb: ``(..., K, d)`` object embeddings (any leading batch dimensions).
         text_emb: ``(n, d)`` vocabulary embeddings, ``n >= 1``.
-        logit_scale: ``s = 1/τ``.
+        logit_scale: ``s = 1/τ`` (a float or a scalar tensor).
 
     Returns:
         ``(P, E_S)`` of shapes ``(..., K, n)`` and ``(..., K, d)``; every row of ``P`` sums to 1.
-        ``E^S`` mixes the *given* text embeddings (not re-normalised).
+        ``E^S`` mixes the *given* text embeddings (not re-normalised).  Both are on the
+        accelerator when either input is there (the other is moved to it).
     """
+    if not isinstance(object_emb, torch.Tensor) or not isinstance(text_emb, torch.Tensor):
+        raise ValueError(f"object_emb and text_emb: expected tensors, got {type(object_emb).__name__} "
+                         f"and {type(text_emb).__name__}")
     if text_emb.ndim != 2 or text_emb.shape[0] == 0:
         raise ValueError(f"text_emb: expected a non-empty (n, d) vocabulary, got {tuple(text_emb.shape)}")
     if object_emb.shape[-1] != text_emb.shape[-1]:
         raise ValueError(f"object_emb (..., K, {object_emb.shape[-1]}) and text_emb (n, {text_emb.shape[-1]}) "
                          "must have the same embedding size d")
+    # a student's objects straight from ObjectFeatures (CPU) meet a vocabulary on the GPU
+    object_emb, text_emb = same_device(object_emb, text_emb)
+    if isinstance(logit_scale, torch.Tensor):
+        logit_scale = logit_scale.to(text_emb.device)
     cos = F.normalize(object_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
     P = (logit_scale * cos).softmax(dim=-1)
     return P, P @ text_emb
@@ -326,6 +333,9 @@ class ODITS(nn.Module):
                 p.requires_grad_(False)
         self.register_buffer("text_emb", torch.zeros(0, d), persistent=False)
         self.vocabulary: list[str] = []
+        # the new layers were built (and initialised, from a CPU generator) on the CPU: put them
+        # where the CLIP is, so that ODITS on a GPU CLIP is one model on one device
+        self.to(module_device(clip))
 
     # ---------------------------------------------------------------- parts and vocabulary
     def new_modules(self) -> list[nn.Module]:
@@ -357,8 +367,9 @@ class ODITS(nn.Module):
             with torch.no_grad():
                 dev = self.logit_scale.device
                 text_emb = F.normalize(self.clip.encode_text(tokenizer(words).to(dev)).float(), dim=-1)
-        if text_emb.shape != (len(words), self.embed_dim):
-            raise ValueError(f"ODITS.set_vocabulary: text_emb has shape {tuple(text_emb.shape)}, "
+        if not isinstance(text_emb, torch.Tensor) or text_emb.shape != (len(words), self.embed_dim):
+            raise ValueError(f"ODITS.set_vocabulary: text_emb has shape "
+                             f"{tuple(text_emb.shape) if isinstance(text_emb, torch.Tensor) else type(text_emb).__name__}, "
                              f"expected ({len(words)}, {self.embed_dim})")
         self.vocabulary = words
         self.text_emb = text_emb.detach().float().to(self.logit_scale.device)
@@ -368,6 +379,9 @@ class ODITS(nn.Module):
                 valid: torch.Tensor, text_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Word logits for a batch of images.
 
+        Every input may be on the CPU (features from :class:`course_utils.clip.objects.ObjectFeatures`)
+        or on the model's device; all are moved to the model's device.
+
         Args:
             image_emb: ``(B, d)`` ``E_X``.
             object_emb: ``(B, K, d)`` ``E_M``, zero-padded to the batch's largest ``K`` (``K`` may be 0).
@@ -376,11 +390,18 @@ class ODITS(nn.Module):
 
         Returns:
             ``{"logits": (B, n), "object_text": (B, K, n) P^(i), "image": (B, d) fused image
-            embedding (L2-normalised), "has_objects": (B,) bool}``.
+            embedding (L2-normalised), "has_objects": (B,) bool}``, on the model's device.
         """
+        for name, t in (("image_emb", image_emb), ("object_emb", object_emb), ("conf", conf), ("valid", valid)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"ODITS: {name} must be a tensor, got {type(t).__name__}")
         E_T = self.text_emb if text_emb is None else text_emb
-        if E_T.ndim != 2 or E_T.shape[0] == 0:
+        if not isinstance(E_T, torch.Tensor) or E_T.ndim != 2 or E_T.shape[0] == 0:
             raise ValueError("ODITS: the vocabulary is empty (call set_vocabulary with at least one word)")
+        if image_emb.ndim != 2:
+            raise ValueError(f"ODITS: image_emb must be (B, d), got {tuple(image_emb.shape)}")
+        image_emb, object_emb, conf, valid, E_T = to_device((image_emb, object_emb, conf, valid, E_T),
+                                                            self.logit_scale.device)
         B, d = image_emb.shape
         if object_emb.shape[0] != B or object_emb.shape[-1] != d or object_emb.ndim != 3:
             raise ValueError(f"ODITS: object_emb must be (B={B}, K, d={d}), got {tuple(object_emb.shape)}")
@@ -430,9 +451,14 @@ class ODITS(nn.Module):
     def embed(self, images: torch.Tensor, objects: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels → embeddings with the shared image tower (end-to-end training in ``full``).
 
-        Args: ``images`` ``(B, 3, H, W)``; ``objects`` ``(B, K, 3, H, W)`` preprocessed crops.
-        Returns: ``(E_X (B, d), E_M (B, K, d))``, L2-normalised.
+        Args: ``images`` ``(B, 3, H, W)``; ``objects`` ``(B, K, 3, H, W)`` preprocessed crops, on
+        any device (moved to the model's).
+        Returns: ``(E_X (B, d), E_M (B, K, d))``, L2-normalised, on the model's device.
         """
+        if images.ndim != 4 or objects.ndim != 5 or objects.shape[0] != images.shape[0]:
+            raise ValueError(f"ODITS.embed: expected images (B, 3, H, W) and objects (B, K, 3, H, W), got "
+                             f"{tuple(images.shape)} and {tuple(objects.shape)}")
+        images, objects = to_device((images, objects), self.logit_scale.device)
         B, K = objects.shape[:2]
         e_x = F.normalize(self.clip.encode_image(images).float(), dim=-1)
         if K == 0:
@@ -441,94 +467,27 @@ class ODITS(nn.Module):
         return e_x, e_m.view(B, K, -1)
 
 
-def word_class_weights(train_targets: torch.Tensor, power: float = 0.5) -> torch.Tensor:
-    """Class weights for the imbalanced vocabulary: ``w_k ∝ (1 + count_k)^(-power)``.
-
-    Args:
-        train_targets: ``(N, n)`` bool, word ``k`` is written in training image ``i``.
-        power: 0 gives equal weights, 1 inverse frequency; 0.5 (default) damps the long tail's
-            noise while still lifting rare words.
-
-    Returns:
-        ``(n,)`` float32 weights, mean 1 over the words that occur in training.
-    """
-    counts = train_targets.float().sum(dim=0)
-    w = (1.0 + counts) ** (-power)
-    seen = counts > 0
-    if seen.any():
-        w = w / w[seen].mean()
-    return w
-
-
-def class_weighted_loss(logits: torch.Tensor, targets: torch.Tensor,
-                        class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Class-weighted cross-entropy of the word softmax against an image's words.
-
-    The target of image ``i`` spreads its mass uniformly over its words (the thesis's assumption
-    that every written word is equally likely, §2.3.2); each word's term is scaled by its class
-    weight and the result is normalised by the image's total weight::
-
-        L_i = - Σ_k w_k y_ik log p_ik / Σ_k w_k y_ik,   p_i = softmax(logits_i)
-
-    Images without any target word are left out of the mean.
-
-    Args:
-        logits: ``(B, n)``; targets: ``(B, n)`` bool or 0/1; class_weights: ``(n,)`` (default 1).
-
-    Returns:
-        a scalar tensor (0 with a gradient when no image has a target).
-    """
-    y = targets.float()
-    w = y if class_weights is None else y * class_weights.to(y)[None, :]
-    logp = logits.log_softmax(dim=-1)
-    norm = w.sum(dim=1)
-    keep = norm > 0
-    per_image = -(w * logp).sum(dim=1) / norm.clamp_min(1e-12)
-    if not keep.any():
-        return logits.sum() * 0.0
-    return per_image[keep].mean()
-
-
-def odits_step_fn(class_weights: torch.Tensor | None = None
-                 ) -> Callable[[ODITS, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """A ``step_fn`` for :func:`course_utils.train.fit` on :class:`course_utils.clip.objects.ObjectFeatureDataset` batches.
-
-    The batch is a dict with ``image_emb (B, d)``, ``object_emb (B, K, d)``, ``conf (B, K)``,
-    ``valid (B, K)`` and ``targets (B, n)``; or ``images``/``objects`` pixels instead of the two
-    embeddings (end-to-end, the shared towers unfrozen).  Returns the loss and the batch's top-1
-    hit rate (share of images whose most probable word is one of theirs).
-    """
-
-    def step_fn(model: ODITS, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if "images" in batch:
-            e_x, e_m = model.embed(batch["images"], batch["objects"])
-        else:
-            e_x, e_m = batch["image_emb"], batch["object_emb"]
-        out = model(e_x, e_m, batch["conf"], batch["valid"])
-        targets = batch["targets"]
-        loss = class_weighted_loss(out["logits"], targets, class_weights)
-        with torch.no_grad():
-            top = out["logits"].argmax(dim=1)
-            hit = targets.gather(1, top[:, None]).float().mean()
-        return {"loss": loss, "top1_hit": hit}
-
-    return step_fn
-
-
 @torch.no_grad()
 def predict(model: ODITS, feats: ObjectFeatures, batch_size: int = 64) -> dict[str, torch.Tensor]:
     """ODITS's word probabilities ``P`` ``(N, n)`` (softmax over the vocabulary) and ``P^(i)``.
 
-    Returns ``{"P": (N, n), "object_text": (N, K_max, n)}``.
+    ``feats`` may live on the CPU (as :func:`course_utils.clip.objects.extract_object_features`
+    returns them); each batch goes to the model's device, and the results come back to the CPU
+    for metrics and figures.
+
+    Returns ``{"P": (N, n), "object_text": (N, K_max, n)}``, on the CPU.
     """
+    if not isinstance(model, ODITS):
+        raise TypeError(f"predict: model must be an ODITS, got {type(model).__name__}")
+    if batch_size < 1:
+        raise ValueError(f"predict: batch_size must be at least 1, got {batch_size}")
     was = model.training
     model.eval()
-    dev = model.logit_scale.device
     Ps, Os = [], []
     for s in range(0, len(feats), batch_size):
         sl = slice(s, s + batch_size)
-        out = model(feats.image_emb[sl].to(dev), feats.object_emb[sl].to(dev), feats.conf[sl].to(dev),
-                    feats.valid[sl].to(dev))
+        # ODITS.forward moves each batch to the model's device
+        out = model(feats.image_emb[sl], feats.object_emb[sl], feats.conf[sl], feats.valid[sl])
         Ps.append(out["logits"].softmax(dim=-1).cpu())
         Os.append(out["object_text"].cpu())
     model.train(was)

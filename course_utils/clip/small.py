@@ -31,6 +31,7 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "SMALL_CLIP_CONFIG",
+    "SmallCLIP",
     "SMALL_CLIP_DIR",
     "SMALL_CLIP_IMAGE_SIZE",
     "SMALL_CLIP_WEIGHTS",
@@ -71,8 +72,32 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def build_small_clip(seed: int = 0, zero_token_embedding: bool = True) -> torch.nn.Module:
-    """A freshly initialised small open_clip ``CLIP`` (:data:`SMALL_CLIP_CONFIG`).
+class SmallCLIP(open_clip.CLIP):
+    """open_clip's ``CLIP`` whose encoders take their input from any device.
+
+    A notebook moves the model to ``env.device`` while word crops and token ids come from a
+    dataset on the CPU; each encoder therefore moves its input to the model's device first (a
+    no-op when it is already there, so CPU numbers are unchanged).  The parameters, their names
+    and the forward pass are open_clip's: weight files are interchangeable with a plain ``CLIP``.
+    """
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """``(B, 3, 32, 128)`` images on any device -> ``(B, embed_dim)`` on the model's device."""
+        if not isinstance(image, torch.Tensor) or image.ndim != 4:
+            raise ValueError(f"image: expected a (B, 3, H, W) tensor, got "
+                             f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
+        return super().encode_image(image.to(self.logit_scale.device), normalize=normalize)
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """``(B, context_length)`` int64 token ids on any device -> ``(B, embed_dim)`` on the model's device."""
+        if not isinstance(text, torch.Tensor) or text.ndim != 2:
+            raise ValueError(f"text: expected (B, context_length) token ids, got "
+                             f"{tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__}")
+        return super().encode_text(text.to(self.logit_scale.device), normalize=normalize)
+
+
+def build_small_clip(seed: int = 0, zero_token_embedding: bool = True) -> SmallCLIP:
+    """A freshly initialised small CLIP (:class:`SmallCLIP`, :data:`SMALL_CLIP_CONFIG`).
 
     Args:
         seed: seeds the initialisation (same seed, same weights on CPU).
@@ -84,7 +109,7 @@ def build_small_clip(seed: int = 0, zero_token_embedding: bool = True) -> torch.
     g = torch.random.fork_rng()
     with g:
         torch.manual_seed(seed)
-        model = open_clip.CLIP(**SMALL_CLIP_CONFIG)
+        model = SmallCLIP(**SMALL_CLIP_CONFIG)
     if zero_token_embedding:
         with torch.no_grad():
             model.token_embedding.weight.zero_()

@@ -2,7 +2,10 @@
 
 Everything here works on a probability matrix ``P`` of shape ``(n_rows, n_words)`` (softmax over
 the vocabulary, one row per image or word crop) and a boolean matrix of the same shape
-(``positives[i, j]``: word ``j`` belongs to row ``i``, the thesis's ``W_i^+``):
+(``positives[i, j]``: word ``j`` belongs to row ``i``, the thesis's ``W_i^+``).  The operands may
+sit on different devices (embeddings on the GPU, masks built on the CPU): each function brings
+them to one device first (:func:`course_utils.clip.devices.same_device`), and the metrics come
+back as Python floats.
 
 * the matrix itself (:func:`word_image_probabilities`, §2.2.1) and its lexicon-restricted form;
 * approach 1 — per-word thresholds maximising Youden's J (:func:`youden_thresholds`,
@@ -23,6 +26,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from sklearn.metrics import roc_curve
+
+from ..devices import same_device
 
 __all__ = [
     "TABLE_2_6",
@@ -69,9 +74,11 @@ def word_image_probabilities(image_emb: torch.Tensor, text_emb: torch.Tensor,
         logit_scale: ``1/τ``, the model's temperature (CLIP's is 100).
 
     Returns:
-        ``P`` of shape ``(n_images, n_words)``; every row sums to 1.
+        ``P`` of shape ``(n_images, n_words)`` on the embeddings' device (the GPU when either
+        is there); every row sums to 1.
     """
     _check_emb(image_emb, text_emb)
+    image_emb, text_emb = same_device(image_emb, text_emb)
     return (logit_scale * image_emb @ text_emb.T).softmax(dim=-1)
 
 
@@ -88,6 +95,9 @@ def lexicon_probabilities(image_emb: torch.Tensor, text_emb: torch.Tensor, lexic
         ``(n_images, n_words)``: zero outside each lexicon, each row sums to 1 over its lexicon.
     """
     _check_emb(image_emb, text_emb)
+    if not isinstance(lexicon_mask, torch.Tensor):
+        raise ValueError(f"lexicon_mask: expected a bool tensor, got {type(lexicon_mask).__name__}")
+    image_emb, text_emb, lexicon_mask = same_device(image_emb, text_emb, lexicon_mask)
     if lexicon_mask.shape != (image_emb.shape[0], text_emb.shape[0]) or lexicon_mask.dtype != torch.bool:
         raise ValueError(f"lexicon_mask: expected a bool tensor of shape "
                          f"({image_emb.shape[0]}, {text_emb.shape[0]}), got {lexicon_mask.dtype} {tuple(lexicon_mask.shape)}")
@@ -99,6 +109,9 @@ def lexicon_probabilities(image_emb: torch.Tensor, text_emb: torch.Tensor, lexic
 
 
 def _check_emb(image_emb: torch.Tensor, text_emb: torch.Tensor) -> None:
+    if not isinstance(image_emb, torch.Tensor) or not isinstance(text_emb, torch.Tensor):
+        raise ValueError(f"embeddings: expected two tensors, got image_emb {type(image_emb).__name__} "
+                         f"and text_emb {type(text_emb).__name__}")
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(f"embeddings: expected (n_images, d) and (n_words, d) with the same d, got "
                          f"image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)}")
@@ -136,17 +149,21 @@ def lexicon_top1_accuracy(image_emb: torch.Tensor, text_emb: torch.Tensor, vocab
         lexicons: the lexicon (e.g. 50 words) of each crop's image.
         targets: the true word of each crop (must be in its lexicon).
     """
+    _check_emb(image_emb, text_emb)
     if not (len(lexicons) == len(targets) == image_emb.shape[0]):
         raise ValueError(f"lexicon_top1_accuracy: {image_emb.shape[0]} crops, {len(lexicons)} lexicons, "
                          f"{len(targets)} targets (expected the same number)")
-    mask = positives_matrix(lexicons, vocabulary)
+    # the mask and the answers are built on the CPU; the embeddings may be on the GPU
+    image_emb, text_emb, mask = same_device(image_emb, text_emb, positives_matrix(lexicons, vocabulary))
     pred = (image_emb @ text_emb.T).masked_fill(~mask, float("-inf")).argmax(dim=1)
     index = {w: j for j, w in enumerate(vocabulary)}
-    truth = torch.tensor([index[t] for t in targets])
+    truth = torch.tensor([index[t] for t in targets], device=pred.device)
     return float((pred == truth).float().mean()) if len(targets) else float("nan")
 
 
 def _check_PY(P: torch.Tensor, Y: torch.Tensor) -> None:
+    if not isinstance(P, torch.Tensor) or not isinstance(Y, torch.Tensor):
+        raise ValueError(f"P and Y: expected two tensors, got {type(P).__name__} and {type(Y).__name__}")
     if P.ndim != 2 or P.shape != Y.shape:
         raise ValueError(f"P and Y: expected two (n_images, n_words) matrices, got {tuple(P.shape)} and {tuple(Y.shape)}")
     if Y.dtype != torch.bool:
@@ -188,7 +205,8 @@ def threshold_confusion(P: torch.Tensor, Y: torch.Tensor, thresholds: torch.Tens
     _check_PY(P, Y)
     if thresholds.shape != (P.shape[1],):
         raise ValueError(f"thresholds: expected shape ({P.shape[1]},), got {tuple(thresholds.shape)}")
-    pred = P.double() >= thresholds.double().to(P.device)[None, :]
+    P, Y, thresholds = same_device(P, Y, thresholds)
+    pred = P.double() >= thresholds.double()[None, :]
     return {
         "tp": (pred & Y).sum(1).double(), "tn": (~pred & ~Y).sum(1).double(),
         "fp": (pred & ~Y).sum(1).double(), "fn": (~pred & Y).sum(1).double(),
@@ -212,6 +230,7 @@ def soft_confusion(P: torch.Tensor, Y: torch.Tensor) -> dict[str, torch.Tensor]:
         ``tp + fn = |W_i^+|`` and ``fp + tn = |W_i^-|``.
     """
     _check_PY(P, Y)
+    P, Y = same_device(P, Y)
     P = P.double()
 
     def ratios(mask: torch.Tensor) -> torch.Tensor:
@@ -238,7 +257,10 @@ def classification_metrics(counts: dict[str, torch.Tensor], average: str = "macr
     Returns:
         ``{"accuracy", "precision", "recall", "f1"}`` as floats.
     """
-    tp, tn, fp, fn = (counts[k].double() for k in ("tp", "tn", "fp", "fn"))
+    missing = [k for k in ("tp", "tn", "fp", "fn") if k not in counts]
+    if missing:
+        raise ValueError(f"counts: missing {missing}; expected the dict of soft_confusion or threshold_confusion")
+    tp, tn, fp, fn = same_device(*(counts[k].double() for k in ("tp", "tn", "fp", "fn")))
     if average == "micro":
         tp, tn, fp, fn = tp.sum(), tn.sum(), fp.sum(), fn.sum()
     elif average != "macro":
@@ -264,6 +286,7 @@ def normalised_similarity_entropy(P: torch.Tensor, Y: torch.Tensor) -> torch.Ten
         ``|W_i^+|`` must exceed 1).  Average with ``torch.nanmean``.
     """
     _check_PY(P, Y)
+    P, Y = same_device(P, Y)
     P = P.double()
     n_pos = Y.sum(1)
     pos = P.masked_fill(~Y, 0.0)
@@ -308,6 +331,7 @@ def table_2_6_metrics(P: torch.Tensor, positives: torch.Tensor, *, lexicon: torc
         for name, m in (("lexicon", lexicon), ("truth", truth), ("ranking", ranking)):
             if m.shape != P.shape:
                 raise ValueError(f"table_2_6_metrics: {name} has shape {tuple(m.shape)}, expected {tuple(P.shape)}")
+        lexicon, truth, ranking = same_device(lexicon, truth, ranking)
         pick = ranking.masked_fill(~lexicon, float("-inf")).argmax(dim=1)
         out["lexicon50_top1"] = float(truth.gather(1, pick[:, None]).double().mean())
     return {k: float(v) for k, v in out.items()}

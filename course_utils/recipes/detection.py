@@ -112,5 +112,6 @@ def train_detector(cfg: Config, splits: dict[str, ShapesDataset], *, model: Sema
     hist = fit(model, detector_step, splits["train"], epochs=d.epochs, batch_size=d.batch_size,
                optimizer=opt, scheduler=sched, val_set=splits.get("val"), collate_fn=collate_scenes,
                ckpt_dir=ckpt_dir, resume=resume, seed=seed, max_steps=max_steps,
-               grad_clip=d.grad_clip, progress=progress, desc="detector")
+               grad_clip=d.grad_clip, progress=progress, desc="detector",
+               num_workers=int(cfg.runtime.loader_workers))
     return model, hist

@@ -31,7 +31,8 @@ from ..clip.objects import (
     extract_object_features,
     object_max_probabilities,
 )
-from ..clip.odits import ODITS, odits_step_fn, predict, set_deterministic, word_class_weights
+from ..clip.odits import ODITS, predict, set_deterministic
+from ..clip.odits_loss import odits_step_fn, word_class_weights
 from ..clip.wordspotting import table_2_6_metrics
 from ..history import History
 from ..svt import SVTSplit
@@ -53,7 +54,7 @@ MODEL_NAMES = {"clip": "CLIP", "odits": "ODITS", "odits_no_objects": "ODITS with
 
 
 def load_start_clip(kind: str, profile: str, checkpoint: str | Path | None = None,
-                    device: str | torch.device = "cpu") -> ClipBundle:
+                    device: str | torch.device = "cpu", when_unavailable: str = "fallback") -> ClipBundle:
     """The CLIP ODITS is initialised from (§3.2): the profile's CLIP, then notebook 07's weights.
 
     Notebook 07's weights are ``checkpoint`` when given, else the best-precision checkpoint that
@@ -61,10 +62,12 @@ def load_start_clip(kind: str, profile: str, checkpoint: str | Path | None = Non
     if it exists and is newer than the shipped small-CLIP weights (an older file was fine-tuned
     from something else).  ``bundle.info["finetuned"]`` says whether they were loaded.
 
+    ``when_unavailable`` is :func:`~course_utils.clip.loading.load_clip`'s.
+
     Raises:
         FileNotFoundError: ``checkpoint`` was given and does not exist.
     """
-    bundle = load_clip(kind, device=device)
+    bundle = load_clip(kind, device=device, when_unavailable=when_unavailable)
     path = Path(checkpoint) if checkpoint else best_checkpoint_path(profile)
     shipped = bundle.info.get("path")  # the small CLIP's weights file
     if (not checkpoint and path.is_file() and shipped
@@ -111,7 +114,7 @@ def split_features(bundle: ClipBundle, splits: Mapping[str, SVTSplit], source: M
 
 
 def train_odits(clip: nn.Module, feats: ObjectFeatures, words: Sequence[str], text_emb: torch.Tensor,
-                cfg: Mapping[str, Any], *, use_objects: bool = True, device: str | torch.device = "cpu",
+                cfg: Mapping[str, Any], *, use_objects: bool = True, device: str | torch.device | None = None,
                 progress: bool = False, **model_kwargs: Any) -> tuple[ODITS, History, dict[str, Any]]:
     """Build ODITS on a deep copy of ``clip`` and train its new layers with the shared loop.
 
@@ -122,6 +125,9 @@ def train_odits(clip: nn.Module, feats: ObjectFeatures, words: Sequence[str], te
         cfg: the profile's ``odits`` section (heads, ff_mult, init, seed, freeze_clip, epochs,
             batch_size, lr, weight_decay, class_weight_power, grad_clip).
         use_objects: False trains the ablation without objects.
+        device: where to train (default: where ``clip`` is).  ODITS is built on ``clip``'s
+            device and :func:`course_utils.train.fit` moves it to ``device``; ``feats`` stay on
+            the CPU and fit moves each batch.
         model_kwargs: passed to :class:`course_utils.clip.odits.ODITS` (e.g. the notebook's
             ``similarity_fn``).
 
@@ -156,11 +162,13 @@ def head_to_head(models: Mapping[str, ODITS], test: ObjectFeatures, text_emb: to
     Returns:
         ``(P, metrics)``: per row of :data:`MODEL_NAMES`, the ``(N, n)`` word probabilities and
         :func:`course_utils.clip.wordspotting.table_2_6_metrics` against the words written in
-        each image (approach 1 included, lexicon-50 from each image's lexicon).
+        each image (approach 1 included, lexicon-50 from each image's lexicon).  The matrices
+        are on the CPU; ``text_emb`` and the models may be on any device.
     """
-    P = {"clip": clip_probabilities(test, text_emb, logit_scale)}
+    # the matrices are for tables and figures: on the CPU, wherever text_emb and the models are
+    P = {"clip": clip_probabilities(test, text_emb, logit_scale).cpu()}
     P.update({name: predict(models[name], test)["P"] for name in ("odits", "odits_no_objects") if name in models})
-    P["objects_no_training"] = object_max_probabilities(test, text_emb, logit_scale)
+    P["objects_no_training"] = object_max_probabilities(test, text_emb, logit_scale).cpu()
     metrics = {name: table_2_6_metrics(p, test.targets, lexicon=test.lexicon, approach1=True)
                for name, p in P.items()}
     return P, metrics

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..cache import run_dir
 from ..captions import COLORS, CaptionedSplit, CaptionVocabulary
+from ..devices import module_device
 from ..matchmap import MatchmapModel, contrastive_matchmap_loss, impostor_ranking_loss
 from ..query_agnostic import (
     QueryAgnostic,
@@ -61,11 +62,16 @@ __all__ = ["PAPER_TABLE_4_1", "TABLE_4_1", "TEXT_LEVELS", "PairSet", "RetrievalD
 
 
 def train_backbone(split: CaptionedSplit, channels: int, pool: int, epochs: int, seed: int = 0,
-                   batch_size: int = 64, lr: float = 2e-3, progress: bool = False) -> tuple[Backbone, dict]:
+                   batch_size: int = 64, lr: float = 2e-3, progress: bool = False,
+                   device: str | torch.device | None = None) -> tuple[Backbone, dict]:
     """Train :class:`~course_utils.scan.Backbone` + :class:`~course_utils.scan.AttributeHead` to
     classify the colour, shape and size of every object box of ``split``'s images ``(N, 3, H, W)``.
 
-    Returns the backbone (eval mode) and ``{"loss": last epoch mean, "acc_color"...: train accuracy}``.
+    Images are rendered batch by batch (10 000 training images at 224 px would be 6 GB as one
+    float tensor) and trained on ``device`` (default CPU).
+
+    Returns the backbone (eval mode, on ``device``) and ``{"loss": last epoch mean, "acc_color"...:
+    train accuracy}``.
 
     Why this loop is not :func:`course_utils.train.fit`: it is a one-off step whose result is cached
     with the features (:func:`build_features`), so it needs neither checkpoints nor resume, and
@@ -79,13 +85,13 @@ def train_backbone(split: CaptionedSplit, channels: int, pool: int, epochs: int,
     bits, and SCAN's i-t rows amplify that: 3 of the 10 grid rows move (fine i-t LSE rsum
     104.17 -> 86.67, fine i-t AVG 92.50 -> 90.83, coarse one-directional 105.83 -> 109.17).
     """
+    device = torch.device(device or "cpu")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    images = split.images()
-    boxes = [split.boxes(i) for i in range(len(split))]
-    labels = [split.labels(i) for i in range(len(split))]
-    net = Backbone(channels)
-    head = AttributeHead(net.out_channels * pool * pool)
+    boxes = [split.boxes(i).to(device) for i in range(len(split))]
+    labels = [{k: v.to(device) for k, v in split.labels(i).items()} for i in range(len(split))]
+    net = Backbone(channels).to(device)
+    head = AttributeHead(net.out_channels * pool * pool).to(device)
     opt = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=lr)
     stats: dict = {}
     for _ in range(epochs):
@@ -94,7 +100,7 @@ def train_backbone(split: CaptionedSplit, channels: int, pool: int, epochs: int,
         for s in range(0, len(perm), batch_size):
             idx = perm[s:s + batch_size].tolist()
             keep = [i for i in idx if len(boxes[i])]
-            feats = pool_regions(net(images[keep]), [boxes[i] for i in keep], pool, net.stride)
+            feats = pool_regions(net(_render_batch(split, keep).to(device)), [boxes[i] for i in keep], pool, net.stride)
             logits = head(feats)
             loss = 0.0
             for k in correct:
@@ -110,6 +116,12 @@ def train_backbone(split: CaptionedSplit, channels: int, pool: int, epochs: int,
         if progress:
             print("backbone epoch:", {k: round(v, 3) for k, v in stats.items()})
     return net.eval(), stats
+
+
+def _render_batch(split: CaptionedSplit, idx: list[int]) -> torch.Tensor:
+    """Images ``idx`` of ``split`` as ``(B, 3, H, W)`` float32 in ``[0, 1]``, on the CPU."""
+    arr = np.stack([split.image(i) for i in idx]) if idx else np.zeros((0, 1, 1, 3), np.uint8)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def region_boxes(split: CaptionedSplit, i: int, k: int, rng: np.random.Generator) -> torch.Tensor:
@@ -142,20 +154,22 @@ def extract_region_features(backbone: Backbone, split: CaptionedSplit, k: int, p
                             batch_size: int = 128) -> dict[str, torch.Tensor]:
     """Pool region features for every image of ``split``.
 
-    Returns ``{"fine": (N, k, D), "coarse": (N, 1, D), "boxes": (N, k, 4)}`` with
-    ``D = C * pool * pool``; the coarse feature is the whole image pooled the same way.
+    Returns ``{"fine": (N, k, D), "coarse": (N, 1, D), "boxes": (N, k, 4)}`` on the CPU, with
+    ``D = C * pool * pool``; the coarse feature is the whole image pooled the same way.  The
+    backbone runs where its weights are; images are rendered batch by batch.
     """
+    dev = module_device(backbone)
     rng = np.random.default_rng([seed, 11])
     boxes = torch.stack([region_boxes(split, i, k, rng) for i in range(len(split))])
     size = split.scenes[0].size if len(split) else 1
-    whole = torch.tensor([[0.0, 0.0, size, size]])
+    whole = torch.tensor([[0.0, 0.0, size, size]], device=dev)
     fine, coarse = [], []
     for s in range(0, len(split), batch_size):
-        imgs = torch.from_numpy(np.stack([split.image(i) for i in range(s, min(s + batch_size, len(split)))]))
-        fmap = backbone(imgs.permute(0, 3, 1, 2).float() / 255.0)
-        b = boxes[s:s + len(imgs)]
-        fine.append(pool_regions(fmap, list(b), pool, backbone.stride).view(len(imgs), k, -1))
-        coarse.append(pool_regions(fmap, [whole] * len(imgs), pool, backbone.stride).view(len(imgs), 1, -1))
+        idx = list(range(s, min(s + batch_size, len(split))))
+        fmap = backbone(_render_batch(split, idx).to(dev))
+        b = boxes[s:s + len(idx)].to(dev)
+        fine.append(pool_regions(fmap, list(b), pool, backbone.stride).view(len(idx), k, -1).cpu())
+        coarse.append(pool_regions(fmap, [whole] * len(idx), pool, backbone.stride).view(len(idx), 1, -1).cpu())
     return {"fine": torch.cat(fine), "coarse": torch.cat(coarse), "boxes": boxes}
 
 
@@ -171,27 +185,29 @@ def feature_knobs(cfg: dict, seed: int = 0) -> dict:
 
 
 def build_features(splits: dict[str, CaptionedSplit], cfg: dict, seed: int = 0, cache: bool = True,
-                   progress: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], Backbone, dict]:
-    """Train the backbone once and pool features for every split, cached in
-    ``run_dir("04_region_features", feature_knobs(cfg, seed))``.
+                   progress: bool = True, device: str | torch.device | None = None
+                   ) -> tuple[dict[str, dict[str, torch.Tensor]], Backbone, dict]:
+    """Train the backbone once (on ``device``, default CPU) and pool features for every split,
+    cached in ``run_dir("04_region_features", feature_knobs(cfg, seed))``.
 
-    Returns ``(features[split] = {"fine" (N, k, D), "coarse" (N, 1, D), "boxes" (N, k, 4)}, backbone,
-    backbone_stats)``.
+    Returns ``(features[split] = {"fine" (N, k, D), "coarse" (N, 1, D), "boxes" (N, k, 4)} on the
+    CPU, backbone on ``device``, backbone_stats)``.
     """
+    device = torch.device(device or "cpu")
     root = run_dir("04_region_features", feature_knobs(cfg, seed))
     path = root / "features.pt"
     backbone = Backbone(int(cfg["backbone_channels"]))
     if cache and path.exists():
         try:
-            blob = torch.load(path, weights_only=True)
+            blob = torch.load(path, map_location="cpu", weights_only=True)
             backbone.load_state_dict(blob["backbone"])
             if progress:
                 print(f"region features loaded from cache {path}")
-            return blob["features"], backbone.eval(), blob["stats"]
+            return blob["features"], backbone.to(device).eval(), blob["stats"]
         except Exception as e:  # a truncated file from an interrupted run: rebuild it
             print(f"cache {path} unreadable ({type(e).__name__}); rebuilding")
     backbone, stats = train_backbone(splits["train"], int(cfg["backbone_channels"]), int(cfg["feat_pool"]),
-                                     int(cfg["backbone_epochs"]), seed=seed, progress=progress)
+                                     int(cfg["backbone_epochs"]), seed=seed, progress=progress, device=device)
     feats = {name: extract_region_features(backbone, sp, int(cfg["k_fine"]), int(cfg["feat_pool"]), seed=seed + j)
              for j, (name, sp) in enumerate(splits.items())}
     if cache:
@@ -242,8 +258,9 @@ class PairSet(torch.utils.data.Dataset):
 def train_scan(model: SCAN, feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
                cap_to_img: torch.Tensor, *, epochs: int, batch_size: int, lr: float, margin: float = 0.2,
                warmup_epochs: int = 1, seed: int = 0, ckpt_dir: str | Path | None = None, progress: bool = True,
-               desc: str = "scan") -> History:
-    """Train one SCAN variant on precomputed features with :func:`~course_utils.train.fit`.
+               desc: str = "scan", device: str | torch.device | None = None) -> History:
+    """Train one SCAN variant on precomputed features with :func:`~course_utils.train.fit`, on
+    ``device`` (default: where the model is); the features stay on the CPU, batches move.
 
     Args:
         feats: ``(N, k, F)`` region features of the training images.
@@ -258,7 +275,7 @@ def train_scan(model: SCAN, feats: torch.Tensor, tokens: torch.Tensor, lengths: 
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(1, (2 * epochs) // 3)], gamma=0.1)
     return fit(model, scan_step_fn(margin, warmup_epochs * steps_per_epoch, opt), data, epochs=epochs,
                batch_size=batch_size, optimizer=opt, scheduler=sched, ckpt_dir=ckpt_dir, seed=seed,
-               grad_clip=2.0, progress=progress, desc=desc)
+               grad_clip=2.0, progress=progress, desc=desc, device=device)
 
 
 #: The rows of seed 003's Table 4.1: (row label, direction, pooling, bidirectional GRU).
@@ -287,8 +304,10 @@ def scan_grid_knobs(cfg: dict, seed: int = 0) -> dict:
 
 
 def run_variant(data: RetrievalData, level: str, row: str, cfg: dict, *, seed: int = 0,
-                ckpt_root: Path | None = None, split: str = "test", progress: bool = True) -> dict:
-    """Train (or resume from ``ckpt_root``) one row of Table 4.1 at ``level`` and evaluate it.
+                ckpt_root: Path | None = None, split: str = "test", progress: bool = True,
+                device: str | torch.device | None = None) -> dict:
+    """Train (or resume from ``ckpt_root``) one row of Table 4.1 at ``level`` on ``device`` (default
+    CPU) and evaluate it.
 
     Returns ``{"row", "level", **R@K, "train_s", "eval_s", "model", "sims" (I, C), "history"}``.
     """
@@ -305,7 +324,7 @@ def run_variant(data: RetrievalData, level: str, row: str, cfg: dict, *, seed: i
     hist = train_scan(model, feats, tok, ln, data.cap_to_img["train"], epochs=int(cfg["epochs"]),
                       batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]), margin=float(cfg["margin"]),
                       warmup_epochs=int(cfg["warmup_epochs"]), seed=seed, ckpt_dir=ckpt, progress=progress,
-                      desc=f"{level} {row}")
+                      desc=f"{level} {row}", device=torch.device(device or "cpu"))
     train_s = time.perf_counter() - t
     t = time.perf_counter()
     tok_e, ln_e = data.texts[split][level]
@@ -357,7 +376,8 @@ def _query_agnostic_step(model: QueryAgnostic, batch) -> dict[str, torch.Tensor]
 def train_query_agnostic(model: QueryAgnostic, global_feat: torch.Tensor, regions: torch.Tensor,
                          keep: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
                          cap_to_img: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
-                         seed: int = 0, ckpt_dir: str | Path | None = None, progress: bool = True) -> History:
+                         seed: int = 0, ckpt_dir: str | Path | None = None, progress: bool = True,
+                         device: str | torch.device | None = None) -> History:
     """Contrastive training with :func:`~course_utils.train.fit` on features ``global (N, F)``,
     ``regions (N, k, F)``, ``keep (N, k)`` and captions ``tokens (C, L)``, ``lengths (C,)``,
     ``cap_to_img (C,)``.  Returns the :class:`~course_utils.train.History`."""
@@ -366,7 +386,7 @@ def train_query_agnostic(model: QueryAgnostic, global_feat: torch.Tensor, region
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(1, (2 * epochs) // 3)], gamma=0.1)
     return fit(model, _query_agnostic_step, data, epochs=epochs, batch_size=batch_size, optimizer=opt,
                scheduler=sched, ckpt_dir=ckpt_dir, seed=seed, grad_clip=2.0, progress=progress,
-               desc="query-agnostic")
+               desc="query-agnostic", device=device)
 
 
 def query_agnostic_knobs(cfg: dict, seed: int = 0) -> dict:
@@ -378,8 +398,10 @@ def query_agnostic_knobs(cfg: dict, seed: int = 0) -> dict:
 
 
 def run_query_agnostic(data: RetrievalData, cfg: dict, *, text_level: str = "fine", seed: int = 0,
-                       ckpt_dir: str | Path | None = None, split: str = "test", progress: bool = True) -> dict:
-    """Train (or resume) the query-agnostic model on ``data`` and evaluate R@K on ``split``.
+                       ckpt_dir: str | Path | None = None, split: str = "test", progress: bool = True,
+                       device: str | torch.device | None = None) -> dict:
+    """Train (or resume) the query-agnostic model on ``data`` on ``device`` (default CPU) and
+    evaluate R@K on ``split``.
 
     Returns ``{**R@K, "train_s", "eval_s", "model", "sims" (I, C), "history", "kept", "text_level"}``;
     ``kept`` is the mean number of regions per test image the object prior keeps.
@@ -397,12 +419,12 @@ def run_query_agnostic(data: RetrievalData, cfg: dict, *, text_level: str = "fin
     hist = train_query_agnostic(model, g, r, keep, tok, ln, data.cap_to_img["train"], epochs=int(cfg["qa_epochs"]),
                                 batch_size=int(cfg["batch_size"]), lr=float(cfg["qa_lr"]), seed=seed,
                                 ckpt_dir=None if ckpt_dir is None else Path(ckpt_dir) / text_level,
-                                progress=progress)
+                                progress=progress, device=torch.device(device or "cpu"))
     train_s = time.perf_counter() - t
     t = time.perf_counter()
     gt, rt, kt = qa_inputs(data.feats[split], size, alpha)
     tok_e, ln_e = data.texts[split][text_level]
-    sims = score_all(encode_gallery(model, gt, rt, kt), encode_queries(model, tok_e, ln_e))
+    sims = score_all(encode_gallery(model, gt, rt, kt), encode_queries(model, tok_e, ln_e)).cpu()
     return {**recall_at_k(sims, data.cap_to_img[split]), "train_s": train_s, "eval_s": time.perf_counter() - t,
             "model": model, "sims": sims, "history": hist, "kept": float(kt.float().sum(1).mean()),
             "text_level": text_level}
@@ -417,7 +439,7 @@ def train_matchmap(model: MatchmapModel, split: CaptionedSplit, vocab: CaptionVo
                    margin: float = 0.2, impostors: int = 1, loss: str = "ranking", temperature: float = 0.1,
                    progress: bool = False) -> list[float]:
     """Train on (image ``(3, H, W)``, one random caption of it) pairs; returns the mean loss of
-    each epoch.
+    each epoch.  Trains where the model is (move it first); images are rendered per batch.
 
     ``loss="ranking"``: :func:`~course_utils.matchmap.impostor_ranking_loss` (``margin``,
     ``impostors``); ``loss="contrastive"``:
@@ -441,7 +463,9 @@ def train_matchmap(model: MatchmapModel, split: CaptionedSplit, vocab: CaptionVo
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
+    dev = module_device(model)
     tokens, lengths = vocab.batch(split.texts)
+    tokens, lengths = tokens.to(dev), lengths.to(dev)
     losses = []
     model.train()
     for e in range(epochs):
@@ -454,7 +478,7 @@ def train_matchmap(model: MatchmapModel, split: CaptionedSplit, vocab: CaptionVo
             # One caption of each image, drawn uniformly among that image's own captions.
             caps = [split.caption_range(i)[int(torch.randint(len(split.caption_range(i)), (1,), generator=g))]
                     for i in idx]
-            images = torch.from_numpy(np.stack([split.image(i) for i in idx])).permute(0, 3, 1, 2).float() / 255
+            images = _render_batch(split, idx).to(dev)
             L = int(lengths[caps].max())
             cells, words = model.cells(images), model.words(tokens[caps, :L], lengths[caps])
             if loss == "ranking":

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from ..devices import module_device
 from ..query_agnostic import QueryAgnostic, encode_gallery, encode_queries, score_all
 from ..scan import SCAN, encode, scan_similarity
 from .retrieval import RetrievalData, qa_inputs
@@ -27,6 +28,12 @@ __all__ = ["query_agnostic_seconds", "speed_by_gallery_size", "speed_table"]
 
 def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
+
+
+def _sync(model: torch.nn.Module) -> None:
+    """Wait for the model's GPU, if it is on one (a no-op on the CPU)."""
+    if module_device(model).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _race_inputs(data: RetrievalData, cfg: dict, split: str, scan_level: str, qa_level: str,
@@ -56,8 +63,10 @@ def _race_round(scan_model: SCAN, qa_model: QueryAgnostic, x: dict) -> dict[str,
     t: dict[str, float] = {}
 
     def clock(key: str, fn):
+        _sync(scan_model)
         t0 = time.perf_counter()
         out = fn()
+        _sync(scan_model)  # CUDA kernels run asynchronously: wait for them before reading the clock
         t[key] = time.perf_counter() - t0
         return out
 
@@ -145,7 +154,9 @@ def query_agnostic_seconds(qa_model: QueryAgnostic, data: RetrievalData, cfg: di
     _qa_end_to_end(qa_model, x)
     times = []
     for _ in range(repeats):
+        _sync(qa_model)
         t = time.perf_counter()
         _qa_end_to_end(qa_model, x)
+        _sync(qa_model)
         times.append(time.perf_counter() - t)
     return _median(times)
