@@ -37,15 +37,15 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile tests $(PYTEST_ARGS)
 
-test-# full's architectures and code path on this machine's CPU, with random weights where pretrained
+test-notebooks: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env solutions notebooks $(PYTEST_ARGS)
+
+# full's architectures and code path on this machine's CPU, with random weights where pretrained
 # ones cannot be had; writes benchmarks/results/fullpath.json with each notebook's estimated
 # full-profile footprint on a T4.  Two threads: the notebooks run one at a time.
 fullpath: $(STAMP)
 	COURSE_OFFLINE=1 COURSE_CACHE=$(CURDIR)/.cache/fullpath COURSE_FIGURES=$(CURDIR)/.cache/fullpath/figures \
 		MPLBACKEND=Agg $(PY) -m course_tools.fullpath solutions/*.ipynb
-
-notebooks: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env solutions notebooks $(PYTEST_ARGS)
 
 notebooks: $(STAMP)
 	$(PY) -m course_tools.nbbuild

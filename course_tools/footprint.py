@@ -127,9 +127,15 @@ def timed(fn: Callable[[], Any], repeats: int = 3) -> float:
 
 def training_phase(name: str, model: nn.Module, step: Callable[[int], torch.Tensor], probe_batch: int,
                    batch: int, examples: float, epochs: float, moments: int,
-                   host_s_per_example: float = 0.0, workers: int = 0) -> Phase:
-    """``epochs`` passes over ``examples`` at ``batch``; ``step(b)`` runs a batch of ``b``."""
+                   host_s_per_example: float = 0.0, workers: int = 0, float16: bool = False) -> Phase:
+    """``epochs`` passes over ``examples`` at ``batch``; ``step(b)`` runs a batch of ``b``.
+
+    ``float16``: the step runs under float16 autocast, which stores the activations it saves for
+    backward in half the bytes (counted here in float32; halved, an approximation: a few ops
+    such as batch norm keep float32 inputs).  The time is still costed at the fp32 peak.
+    """
     flops, saved = step_cost(model, lambda: step(probe_batch), train=True)
+    saved = saved / 2 if float16 else saved
     scale = batch / probe_batch
     steps = math.ceil(examples / batch) * epochs
     host = host_s_per_example * examples * epochs / max(1, workers)

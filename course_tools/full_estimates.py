@@ -62,7 +62,8 @@ def _detection(cfg: Config, notebook: str, with_text: bool) -> Estimate:
     render = _render_seconds(s.image_size)
     workers = int(cfg.runtime.loader_workers)
     train = training_phase("train", model, step, 1, int(section.batch_size), s.n_train,
-                           int(section.epochs), moments=1, host_s_per_example=render, workers=workers)
+                           int(section.epochs), moments=1, host_s_per_example=render, workers=workers,
+                           float16=bool(cfg.runtime.mixed_precision))
     val = Phase("validation each epoch", train.steps * s.n_val / s.n_train,
                 train.flops_per_step / 3, 0.0, render * s.n_val * int(section.epochs) / max(1, workers))
     test = Phase("test", s.n_test / int(section.batch_size), train.flops_per_step / 3, 0.0, render * s.n_test)

@@ -34,8 +34,10 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # GPU the main process alone would spend longer on images than on steps); when pretrained
         # weights cannot be had, weights_when_unavailable says what runs instead: "fallback" (the
         # course's documented substitute: small CLIP, box masks, ...) or "random" (the same
-        # architecture, randomly initialised).
-        "runtime": dict(loader_workers=2, weights_when_unavailable="fallback"),
+        # architecture, randomly initialised); mixed_precision trains the detection notebooks
+        # (02-03: MobileNetV2 at 512 px, batch 32) under float16 autocast on a GPU, which halves
+        # the activations kept for backward (about 13 GiB in float32, over a T4's budget).
+        "runtime": dict(loader_workers=2, weights_when_unavailable="fallback", mixed_precision=True),
         # seed 004 Ch. 3 (notebook 08): ODITS on the notebook-07 CLIP.  full: SAM ViT-B masks with
         # Table 3.2's generator settings; cpu/smoke: box masks from the SVT word rectangles.  The
         # shared CLIP towers stay frozen (embeddings computed once), the new layers train with
@@ -96,7 +98,7 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                           mm_margin=0.2, mm_temperature=0.1),
     },
     "cpu": {
-        "runtime": dict(loader_workers=0, weights_when_unavailable="fallback"),
+        "runtime": dict(loader_workers=0, weights_when_unavailable="fallback", mixed_precision=False),
         "odits": dict(mask_source="boxes", max_objects=8, background="mean", crop=True,
                       heads=4, ff_mult=2, init="xavier", freeze_clip=True, epochs=10,
                       batch_size=16, lr=1e-3, weight_decay=0.01, class_weight_power=0.5,
@@ -147,7 +149,7 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                           mm_margin=0.2, mm_temperature=0.1),
     },
     "smoke": {
-        "runtime": dict(loader_workers=0, weights_when_unavailable="fallback"),
+        "runtime": dict(loader_workers=0, weights_when_unavailable="fallback", mixed_precision=False),
         "odits": dict(mask_source="boxes", max_objects=4, background="mean", crop=True,
                       heads=2, ff_mult=2, init="xavier", freeze_clip=True, epochs=2,
                       batch_size=4, lr=1e-3, weight_decay=0.01, class_weight_power=0.5,

@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 from course_utils.checkpoints import (
     CheckpointError,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
@@ -240,3 +241,23 @@ def test_batch_size_conventions() -> None:
     assert batch_size_of((images, [{"boxes": torch.zeros(4, 4)}] * 2)) == 2  # detection style
     assert batch_size_of([{"boxes": torch.zeros(4, 4)}] * 3) == 3  # list of examples
     assert batch_size_of(["a", "b"]) == 2
+
+
+def test_only_the_latest_checkpoint_keeps_optimizer_state(reference) -> None:
+    _, _, ckpt_dir = reference
+    ckpts = list_checkpoints(ckpt_dir)
+    states = {e: torch.load(p, weights_only=True)["optimizer"] for e, p in ckpts.items()}
+    latest = max(states)
+    assert states[latest] is not None and all(states[e] is None for e in states if e != latest)
+
+
+def test_workers_and_mixed_precision_change_nothing_on_the_cpu(tmp_path: Path) -> None:
+    # loader workers only load the batches the main process ordered; autocast is CUDA-only
+    plain = make_model()
+    h0 = fit(plain, step_fn, make_data(), epochs=2, batch_size=8,
+             optimizer=torch.optim.SGD(plain.parameters(), lr=0.1), progress=False, seed=3)
+    other = make_model()
+    h1 = fit(other, step_fn, make_data(), epochs=2, batch_size=8, num_workers=1, mixed_precision=True,
+             optimizer=torch.optim.SGD(other.parameters(), lr=0.1), progress=False, seed=3)
+    assert h0.train == h1.train
+    assert_same_weights(plain, other)

@@ -113,5 +113,5 @@ def train_detector(cfg: Config, splits: dict[str, ShapesDataset], *, model: Sema
                optimizer=opt, scheduler=sched, val_set=splits.get("val"), collate_fn=collate_scenes,
                ckpt_dir=ckpt_dir, resume=resume, seed=seed, max_steps=max_steps,
                grad_clip=d.grad_clip, progress=progress, desc="detector",
-               num_workers=int(cfg.runtime.loader_workers))
+               num_workers=int(cfg.runtime.loader_workers), mixed_precision=bool(cfg.runtime.mixed_precision))
     return model, hist
