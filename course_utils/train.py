@@ -175,9 +175,10 @@ def fit(
         desc: label of the progress bar and the printed lines.
         on_epoch_end: called as ``on_epoch_end(epoch, history)`` after each checkpoint.
         num_workers: processes that load the batches (``0``: the main process).  On a GPU,
-            decoding or rendering images in the main process can take longer than the step; the
-            order of the examples is still drawn in the main process, so the run is the same as
-            long as the dataset draws no random numbers in ``__getitem__`` (the course's do not).
+            decoding or rendering images in the main process can take longer than the step.  With
+            workers the DataLoader shuffles in another order than with ``num_workers=0``
+            (measured), so the numbers differ from a main-process run; the same seed and
+            ``num_workers`` repeat a run exactly (the course's datasets draw no random numbers).
         mixed_precision: on a CUDA device, run ``step_fn`` under ``torch.autocast`` (float16)
             with a ``GradScaler``: the activations saved for backward take half the memory.
             Ignored elsewhere, so a CPU run is the same with or without it.
