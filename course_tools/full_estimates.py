@@ -254,7 +254,9 @@ def _vit_eval_phase(cfg: Config, model: torch.nn.Module, name: str, times: int =
         model.encode_text(torch.randint(1, 400, (b * int(sv.lexicon_size), 77)))
 
     p = inference_phase(name, model, step, 1, sv.n_test * times, host_s_per_example=0.01)
-    p.gpu_bytes += int(sv.eval_batch_size) * int(sv.lexicon_size) * 77 * 512 * 4 * 12  # text tower activations
+    # one layer's activations of the text tower at a batch of eval_batch_size words (77 tokens,
+    # the 2048-wide MLP, a few tensors alive at once); a no-grad forward frees the others
+    p.gpu_bytes += int(sv.eval_batch_size) * 77 * 2048 * 4 * 4
     return p
 
 

@@ -131,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {row['status']} in {row.get('seconds', '?')} s" + (f": {row['error']}" if row.get("error") else ""),
               flush=True)
         est = _child(["--estimate", number])
+        if "host_gb" in est:
+            # the models and code of the full run, as the fullpath kernel held them, plus the
+            # data a full run keeps in memory (features, ...)
+            est["host_gb"] = round(est["host_gb"] + row.get("peak_rss_gb", 0.0), 2)
+            est["host_basis"] = "peak RSS of the fullpath kernel + the full run's in-memory data"
+            est["over_limits"] = [k for k, limit in LIMITS.items() if est[k] > limit]
         row["full_estimate"] = est
         if row["status"] != "ok" or est.get("status") == "failed" or est.get("over_limits"):
             failed.append(number)
