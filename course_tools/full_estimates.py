@@ -294,7 +294,7 @@ def _sam_phases(cfg: Config) -> list[Phase]:
     # mask decoder (FLOPs counted on a real decoder), then every point's 3 masks upsampled to
     # 1024 px and to the image, thresholded and scored: memory-bound, so costed by bytes at
     # T4_BANDWIDTH x T4_UTILISATION (six passes over each float mask, assumed).
-    decoder = sam_model_registry["vit_b"]()
+    decoder = sam_model_registry["vit_b"]().requires_grad_(False)  # inference only
     emb = torch.randn(1, 256, 64, 64)
     n_batch = int(TABLE_3_2.get("points_per_batch", 64))
     points = int(TABLE_3_2["points_per_side"]) ** 2

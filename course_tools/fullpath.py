@@ -69,6 +69,16 @@ def _child(args: list[str]) -> dict:
     return json.loads(lines[-1])
 
 
+def with_host_memory(est: dict, row: dict) -> dict:
+    """Add the fullpath kernel's peak RSS (the full run's models and code, as it held them) to the
+    estimate's in-memory data, and check the limits again."""
+    if "host_gb" in est:
+        est["host_gb"] = round(est["host_gb"] + row.get("peak_rss_gb", 0.0), 2)
+        est["host_basis"] = "peak RSS of the fullpath kernel + the full run's in-memory data"
+        est["over_limits"] = [k for k, limit in LIMITS.items() if est[k] > limit]
+    return est
+
+
 def header_cell(row: dict) -> str:
     """The last cell of a header table's ``full`` row, from a notebook's ``fullpath.json`` entry."""
     e = row["full_estimate"]
@@ -130,14 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         row = _child(["--one", str(nb), "--timeout", str(args.timeout)])
         print(f"   {row['status']} in {row.get('seconds', '?')} s" + (f": {row['error']}" if row.get("error") else ""),
               flush=True)
-        est = _child(["--estimate", number])
-        if "host_gb" in est:
-            # the models and code of the full run, as the fullpath kernel held them, plus the
-            # data a full run keeps in memory (features, ...)
-            est["host_gb"] = round(est["host_gb"] + row.get("peak_rss_gb", 0.0), 2)
-            est["host_basis"] = "peak RSS of the fullpath kernel + the full run's in-memory data"
-            est["over_limits"] = [k for k, limit in LIMITS.items() if est[k] > limit]
-        row["full_estimate"] = est
+        est = row["full_estimate"] = with_host_memory(_child(["--estimate", number]), row)
         if row["status"] != "ok" or est.get("status") == "failed" or est.get("over_limits"):
             failed.append(number)
         if "t4_minutes" in est:
