@@ -293,15 +293,14 @@ def prune_checkpoints(ckpt_dir: Path, keep_epochs: set[int], latest: int) -> Non
     :func:`drop_optimizer_state`), so that the kept epochs cost one model each on disk (Adam's
     two moments would triple a ViT-B/32 checkpoint from 0.6 to 1.8 GB).
     """
-    kept = []
     for epoch, p in list_checkpoints(ckpt_dir).items():
         if epoch != latest and epoch not in keep_epochs:
             p.unlink(missing_ok=True)
-        elif epoch < latest:
-            kept.append(epoch)
-    if kept:
-        # Earlier ones were slimmed when they were the one before the latest.
-        drop_optimizer_state(checkpoint_path(ckpt_dir, max(kept)))
+    previous = checkpoint_path(ckpt_dir, latest - 1)
+    if previous.is_file():
+        # Only the previous latest can still hold optimizer state: older ones were slimmed
+        # when they were the one before the latest (so each file is rewritten once, never re-read).
+        drop_optimizer_state(previous)
 
 
 def drop_optimizer_state(path: str | Path) -> bool:
