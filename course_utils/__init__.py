@@ -32,11 +32,15 @@ Modules by layer, and within a layer in the course's order (notebook numbers on 
 ``clip.evaluation``            06-07: a CLIP on an SVT split (rows, vocabulary, Table 2.6)
 **training**
 ``history`` / ``checkpoints``  a run's record; checkpoint files with exact resume
-``train``                      ``fit``: the one training loop
+``resources`` / ``tracking``   per-step CPU, GPU and memory use; TensorBoard log, weights sha256
+``distributed`` / ``loaders``  torchrun: ranks, global-batch losses; an epoch's batches per rank
+``train``                      ``fit``: the one training loop (one process or several)
 ``clip.finetune``              07: contrastive fine-tuning (Algorithm 1, Table 2.5)
+``cli``                        every training recipe from the command line (``torchrun`` too)
 **pipelines**
 ``recipes.detection``          01-03: labelling reference, optimiser, run knobs, detector training
 ``recipes.retrieval``          04-05: region features, the Table 4.1 grid, query-agnostic model
+``recipes.retrieval_data``     04-05: real Flickr30K / MSCOCO inputs when cached, else the scenes
 ``recipes.speed_race``         05: query-agnostic vs query-dependent timing
 ``recipes.clip_finetune``      07: fine-tune and keep the checkpoint chosen by precision
 ``recipes.odits``              08: ODITS trained and compared with its CLIP

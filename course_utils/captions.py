@@ -330,8 +330,23 @@ def _check_feature_array(arr: np.ndarray, where: str, k: int | None, d: int | No
     return arr.astype(np.float32, copy=False)
 
 
+def read_karpathy_json(json_path: str | Path) -> dict:
+    """Parse a Karpathy-split ``dataset_*.json``; ``FileNotFoundError`` / ``ValueError`` name the file."""
+    json_path = Path(json_path)
+    if not json_path.exists():
+        raise FileNotFoundError(f"{json_path}: no such Karpathy-split JSON")
+    try:
+        data = json.loads(json_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{json_path}: expected a top-level object with an 'images' list")
+    return data
+
+
 def load_karpathy(json_path: str | Path, features: str | Path, split: str = "test",
-                  per_image: int = CAPTIONS_PER_IMAGE) -> PrecompSplit:
+                  per_image: int = CAPTIONS_PER_IMAGE, *, text: str = "raw", mmap: bool = False,
+                  dataset: dict | None = None) -> PrecompSplit:
     """Load one split of a Karpathy-split ``dataset_*.json`` with its region features.
 
     Args:
@@ -341,17 +356,21 @@ def load_karpathy(json_path: str | Path, features: str | Path, split: str = "tes
             or a folder with one ``<filename stem>.npy`` of shape ``(k, d)`` per image.
         split: ``train`` / ``val`` / ``test``.
         per_image: captions kept per image (the first ``per_image``; fewer is an error).
+        text: ``"raw"`` (the sentence as written, else its tokens joined) or ``"tokens"`` (the
+            JSON's lower-cased, punctuation-free tokens joined by spaces, else the raw sentence).
+        mmap: memory-map a stacked ``.npy`` (copy-on-write) instead of reading it into memory:
+            Flickr30K's training features are 8.5 GB of float32.  The per-image folder form is
+            always read.
+        dataset: the JSON already parsed by :func:`read_karpathy_json` (``json_path`` then only
+            names it in errors), so that loading three splits parses a large JSON once.
 
     Raises:
         FileNotFoundError / ValueError naming the file, the image and what was expected.
     """
+    if text not in ("raw", "tokens"):
+        raise ValueError(f"text={text!r}: expected 'raw' or 'tokens'")
     json_path, features = Path(json_path), Path(features)
-    if not json_path.exists():
-        raise FileNotFoundError(f"{json_path}: no such Karpathy-split JSON")
-    try:
-        data = json.loads(json_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_path}: not valid JSON ({e})") from None
+    data = read_karpathy_json(json_path) if dataset is None else dataset
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{json_path}: expected a top-level object with an 'images' list")
     items = []
@@ -371,10 +390,11 @@ def load_karpathy(json_path: str | Path, features: str | Path, split: str = "tes
             raise ValueError(f"{json_path}: images[{n}] ({im['filename']}) has {len(sents)} sentences, "
                              f"expected at least {per_image}")
         for s in sents[:per_image]:
-            text = s.get("raw") or " ".join(s.get("tokens", []))
-            if not text.strip():
+            raw, tokens = s.get("raw") or "", " ".join(s.get("tokens") or [])
+            sentence = (raw or tokens) if text == "raw" else (tokens or raw)
+            if not sentence.strip():
                 raise ValueError(f"{json_path}: images[{n}] ({im['filename']}) has an empty sentence")
-            caps.append(text)
+            caps.append(sentence)
     if features.is_dir():
         arrs, k, d = [], None, None
         for n, im in items:
@@ -388,7 +408,7 @@ def load_karpathy(json_path: str | Path, features: str | Path, split: str = "tes
     else:
         if not features.exists():
             raise FileNotFoundError(f"{features}: no such features file")
-        feats = np.load(features)
+        feats = np.load(features, mmap_mode="c" if mmap else None)
         if feats.ndim != 3:
             raise ValueError(f"{features}: expected shape (N, k, d), got {feats.shape}")
         if feats.shape[0] != len(items):

@@ -34,6 +34,7 @@ from torchvision.ops import clip_boxes_to_image, roi_pool
 
 from .boxes import decode_boxes
 from .devices import module_device
+from .distributed import example_generators, global_mean
 from .rpn import RPN, build_rpn, check_targets
 from .shapes import QUERY_WORDS
 
@@ -304,11 +305,17 @@ class SemanticDetector(nn.Module):
         return self.alignment(region, text.repeat_interleave(counts, dim=0))
 
     def forward(self, images: torch.Tensor, queries: Sequence[str], boxes: Sequence[torch.Tensor],
-                aligned: Sequence[torch.Tensor], generator: torch.Generator | None = None,
+                aligned: Sequence[torch.Tensor],
+                generator: torch.Generator | Sequence[torch.Generator] | None = None,
                 extra_queries: Sequence[Sequence[str]] | None = None,
                 extra_aligned: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Losses of one batch; ``extra_queries[i]`` (``k_i`` str) with ``extra_aligned[i]``
-        (``(k_i, N_i)`` bool) add more queries of image ``i`` to the alignment loss."""
+        (``(k_i, N_i)`` bool) add more queries of image ``i`` to the alignment loss.
+
+        ``generator`` samples the anchors: one for the batch, or one per image (what
+        :func:`detector_step` passes, so that a batch split over processes samples the same).
+        Under ``torchrun`` the alignment loss is the mean over the global batch's boxes
+        (:func:`course_utils.distributed.global_mean`)."""
         if not (len(queries) == len(boxes) == len(aligned) == images.shape[0]):
             raise ValueError(f"expected one query, box tensor and aligned tensor per image "
                              f"({images.shape[0]}), got {len(queries)}, {len(boxes)}, {len(aligned)}")
@@ -346,7 +353,7 @@ class SemanticDetector(nn.Module):
             region = self.proposal_encoder(out["features"], train_boxes)
             text_idx = torch.cat([torch.full((len(r),), j, device=text.device) for j, r in enumerate(rows)])
             logits = self.alignment(region[torch.cat(rows)], text[text_idx])
-        losses["align"] = alignment_loss(logits, torch.cat(labels))
+        losses["align"] = global_mean(alignment_loss(logits, torch.cat(labels)), logits.numel())
         return losses
 
     @torch.no_grad()
@@ -424,7 +431,10 @@ def detector_step(model: SemanticDetector, batch: dict) -> dict[str, torch.Tenso
     Returns ``{"loss", "rpn", "align"}`` (scalars; the components detached, for the Fig. 7 curves).
     """
     boxes, aligned, extra = clean_targets(batch)
+    # one anchor-sampling generator per image, seeded by its place in the global batch: the same
+    # samples whether one process holds the batch or several share it
     losses = model(batch["image"], batch["query"], boxes, aligned,
+                   generator=example_generators(batch["image"].shape[0]),
                    extra_queries=batch.get("extra_queries"), extra_aligned=extra)
     return {"loss": losses["rpn"] + model.align_weight * losses["align"], "rpn": losses["rpn"].detach(),
             "align": losses["align"].detach()}

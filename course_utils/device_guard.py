@@ -42,7 +42,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["DeviceMismatchError", "VIRTUAL_DEVICE_NAME", "activate", "deactivate", "is_on_virtual_cuda",
+__all__ = ["DeviceMismatchError", "VIRTUAL_DEVICE_NAME", "activate", "deactivate", "is_active", "is_on_virtual_cuda",
            "virtual_cuda"]
 
 #: The value of ``COURSE_DEVICE`` that switches the guard on.
@@ -266,6 +266,11 @@ def _install_patches() -> None:
         _patch(torch.cuda, stat, lambda *a, **k: 0)
     for noop in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
         _patch(torch.cuda, noop, lambda *a, **k: None)
+
+
+def is_active() -> bool:
+    """True while the guard is on (a ``cuda`` device is then the virtual one: no GPU to query)."""
+    return _state["mode"] is not None
 
 
 def activate() -> None:

@@ -85,7 +85,12 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # 3000 training images and 8 epochs: sized so that notebook 04 (ten SCAN variants and the
         # matchmaps) fits a Colab T4 session; with 10000 images and 12 epochs it was estimated at
         # 82 min (course_tools.full_estimates).  The test split keeps the 1000-image protocol.
-        "retrieval": dict(image_size=224, n_train=3000, n_val=1000, n_test=1000,
+        # real_data: the datasets looked for, in order, under <cache>/retrieval_data/<name>/
+        # (Karpathy-split JSON + SCAN's precomputed 36x2048 region features, layout in
+        # course_utils.recipes.retrieval_data); the first one present replaces the scenes in the
+        # SCAN grid and the query-agnostic model (n_train/n_val/n_test then do not apply: the
+        # Karpathy splits are used whole).  Absent: one line says so and the scenes are used.
+        "retrieval": dict(real_data=("f30k", "coco"), image_size=224, n_train=3000, n_val=1000, n_test=1000,
                           min_objects=3, max_objects=5, small_size=(24, 34), large_size=(52, 72),
                           k_fine=36, backbone_channels=64, backbone_epochs=4, feat_pool=2,
                           word_dim=300, embed_dim=1024, batch_size=128, epochs=8, lr=2e-4,
@@ -136,7 +141,7 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                          align_hidden=64, align_weight=1.0, align_gt_boxes=True, score_thresh=0.5,
                          top_k=100, optimizer="adamw", epochs=18, batch_size=16, lr=2e-3,
                          momentum=0.9, weight_decay=1e-4, lr_step=3, lr_gamma=0.9, grad_clip=10.0),
-        "retrieval": dict(image_size=64, n_train=2000, n_val=200, n_test=1000,
+        "retrieval": dict(real_data=(), image_size=64, n_train=2000, n_val=200, n_test=1000,
                           min_objects=3, max_objects=5, small_size=(7, 10), large_size=(15, 20),
                           k_fine=6, backbone_channels=16, backbone_epochs=2, feat_pool=2,
                           word_dim=32, embed_dim=128, batch_size=128, epochs=3, lr=2e-3,
@@ -173,7 +178,7 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                          align_hidden=16, align_weight=1.0, align_gt_boxes=True, score_thresh=0.5,
                          top_k=30, optimizer="adamw", epochs=1, batch_size=8, lr=2e-3, momentum=0.9,
                          weight_decay=1e-4, lr_step=3, lr_gamma=0.9, grad_clip=10.0),
-        "retrieval": dict(image_size=48, n_train=48, n_val=16, n_test=24,
+        "retrieval": dict(real_data=(), image_size=48, n_train=48, n_val=16, n_test=24,
                           min_objects=2, max_objects=3, small_size=(6, 8), large_size=(12, 15),
                           k_fine=4, backbone_channels=8, backbone_epochs=1, feat_pool=2,
                           word_dim=16, embed_dim=32, batch_size=16, epochs=1, lr=1e-3,

@@ -39,6 +39,7 @@ from .boxes import (
     label_anchors,
     sample_anchors,
 )
+from .distributed import global_mean
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -373,13 +374,23 @@ class RPN(nn.Module):
                 "image_size": torch.tensor(images.shape[-2:])}
 
     def assign(self, out: dict[str, torch.Tensor], gt_boxes: Sequence[torch.Tensor],
-               generator: torch.Generator | None = None) -> list[RPNTargets]:
-        """Label and sample the anchors of every image of the batch (notebook 01)."""
+               generator: torch.Generator | Sequence[torch.Generator] | None = None) -> list[RPNTargets]:
+        """Label and sample the anchors of every image of the batch (notebook 01).
+
+        ``generator``: one for the whole batch (``None``: the global RNG), or one per image.
+        """
         if len(gt_boxes) != out["objectness"].shape[0]:
             raise ValueError(f"gt_boxes: expected one (N, 4) tensor per image "
                              f"({out['objectness'].shape[0]}), got {len(gt_boxes)}")
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != len(gt_boxes):
+                raise ValueError(f"generator: expected one torch.Generator per image ({len(gt_boxes)}), "
+                                 f"got {len(generator)}")
+            gens = list(generator)
+        else:
+            gens = [generator] * len(gt_boxes)
         return [assign_rpn_targets(out["anchors"], g, self.pos_iou, self.neg_iou,
-                                   self.batch_per_image, generator) for g in gt_boxes]
+                                   self.batch_per_image, gen) for g, gen in zip(gt_boxes, gens)]
 
     def loss(self, out: dict[str, torch.Tensor], targets: Sequence[RPNTargets]) -> dict[str, torch.Tensor]:
         """Eq. 2 over the sampled anchors of the whole batch: ``{"rpn", "rpn_cls", "rpn_box"}``."""
@@ -392,6 +403,9 @@ class RPN(nn.Module):
             lab.append(torch.cat([torch.ones_like(t.pos_idx), torch.zeros_like(t.neg_idx)]))
         cls_loss, box_loss = rpn_loss(torch.cat(obj), torch.cat(dl), torch.cat(lab), torch.cat(tgt),
                                       self.box_weight, self.beta)
+        # under torchrun: means over the global batch's sampled anchors and positives
+        cls_loss = global_mean(cls_loss, sum(len(t.pos_idx) + len(t.neg_idx) for t in targets))
+        box_loss = global_mean(box_loss, sum(len(t.pos_idx) for t in targets))
         return {"rpn": cls_loss + box_loss, "rpn_cls": cls_loss.detach(), "rpn_box": box_loss.detach()}
 
     @torch.no_grad()

@@ -19,6 +19,14 @@ Why it looks the way it does:
   (torch CPU/CUDA, NumPy, Python ``random``).  The shuffling order of epoch ``e`` depends only on
   ``(seed, e)`` (a fresh generator seeded with ``seed + e``), so an interrupted and resumed run
   ends with the same weights, bit for bit on CPU, as one that never stopped.
+* **Several processes.**  Launched by ``torchrun`` (world size ``W > 1``), ``fit`` wraps the model
+  in ``DistributedDataParallel``: ``batch_size`` stays the *global* batch, each epoch's order is
+  the one-process order, and each global batch is cut into ``W`` contiguous, equal shares, one per
+  rank.  Batch norms use global-batch statistics (:func:`course_utils.distributed.sync_batch_norm`),
+  metrics are averaged over ranks, and only rank 0 prints and writes checkpoints.  With a loss
+  that is a mean over examples (or uses :func:`course_utils.distributed.global_mean` for its
+  counts), ``W`` processes compute the weights one process would.  A single process runs the
+  one-process code, unchanged.
 * **Safe files.**  Checkpoints load with ``torch.load(..., weights_only=True)`` (no arbitrary
   pickles), are written atomically (temporary file + ``os.replace``), and a truncated or foreign
   file raises :class:`CheckpointError` that names the file and says what to do.
@@ -35,8 +43,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from . import distributed
 from .checkpoints import (
     checkpoint_path,
     list_checkpoints,
@@ -47,6 +56,9 @@ from .checkpoints import (
 from .devices import to_device
 from .env import seed_everything
 from .history import History
+from .loaders import make_loader, rank_loader
+from .resources import ResourceMonitor
+from .tracking import StepRecorder, Tracker, default_log_dir, weights_sha256
 
 __all__ = ["History", "StepFn", "batch_size_of", "evaluate", "fit"]
 
@@ -138,6 +150,7 @@ def fit(
     on_epoch_end: Callable[[int, History], None] | None = None,
     num_workers: int = 0,
     mixed_precision: bool = False,
+    track_dir: str | Path | None = None,
 ) -> History:
     """Train ``model`` for ``epochs`` epochs, checkpointing every epoch, and return its History.
 
@@ -156,7 +169,9 @@ def fit(
         train_set, val_set: map-style datasets.
         epochs: total number of epochs of the run (not "more epochs"): a resumed run trains
             only the epochs that are missing.
-        batch_size: examples per step; the last batch may be smaller.
+        batch_size: examples per step (under ``torchrun``: the global batch, split evenly over
+            the ranks, so it must be a multiple of the world size); the last batch may be
+            smaller (under ``torchrun`` it is cut to a multiple of the world size).
         optimizer, scheduler: built by the caller over ``model``'s parameters.
         collate_fn: passed to the DataLoader (e.g. to keep per-image box lists).
         ckpt_dir: where checkpoints go; ``None`` disables checkpointing (and resuming).
@@ -173,7 +188,8 @@ def fit(
         grad_clip: maximum total gradient norm, or ``None`` for no clipping.
         progress: show a ``tqdm`` bar per epoch.
         desc: label of the progress bar and the printed lines.
-        on_epoch_end: called as ``on_epoch_end(epoch, history)`` after each checkpoint.
+        on_epoch_end: called as ``on_epoch_end(epoch, history)`` after each checkpoint (on rank 0
+            only under ``torchrun``).
         num_workers: processes that load the batches (``0``: the main process).  On a GPU,
             decoding or rendering images in the main process can take longer than the step.  With
             workers the DataLoader shuffles in another order than with ``num_workers=0``
@@ -182,6 +198,12 @@ def fit(
         mixed_precision: on a CUDA device, run ``step_fn`` under ``torch.autocast`` (float16)
             with a ``GradScaler``: the activations saved for backward take half the memory.
             Ignored elsewhere, so a CPU run is the same with or without it.
+        track_dir: also log the run to TensorBoard event files in this folder
+            (:class:`course_utils.tracking.Tracker`): the settings and the sha256 of the initial
+            weights (so that a run can be repeated), per-step loss and resource use, per-epoch
+            metrics.  ``None`` (the default): no log.  Either way the history records, after
+            every optimizer step, the process's CPU %, RSS and, on a GPU, its utilisation and
+            memory (``history.resources``, Fig. 2.5; :meth:`History.plot_resources`).
 
     Returns:
         The run's :class:`History`, including epochs restored from a checkpoint.
@@ -200,9 +222,12 @@ def fit(
         raise ValueError("train_set is empty: there is nothing to train on")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if distributed.is_distributed():
+        distributed.check_launch(len(train_set), batch_size)  # type: ignore[arg-type]
 
     device = _resolve_device(model, device)
     model.to(device)
+    model = distributed.sync_batch_norm(model, device)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
     keep = set(int(e) for e in keep_epochs) if keep_epochs is not None else None
     run_info = {"seed": int(seed), "batch_size": int(batch_size), "epochs": int(epochs)}
@@ -212,42 +237,65 @@ def fit(
     )
     if start_epoch > epochs:
         return history
+    runner = distributed.ddp_runner(model, step_fn, device) if distributed.is_distributed() else None
 
     scaler = None
     if mixed_precision and device.type == "cuda" and torch.cuda.is_available():
         scaler = torch.amp.GradScaler("cuda")
     steps_left = max_steps
-    for epoch in range(start_epoch, epochs + 1):
-        t0 = time.perf_counter()
-        lr = float(optimizer.param_groups[0]["lr"])
-        train_metrics, steps_left = _train_one_epoch(
-            model, step_fn, train_set, optimizer, device,
-            batch_size=batch_size, collate_fn=collate_fn, seed=seed, epoch=epoch,
-            epochs=epochs, grad_clip=grad_clip, steps_left=steps_left,
-            progress=progress, desc=desc, num_workers=num_workers, scaler=scaler,
-        )
-        if train_metrics is None:  # max_steps reached mid-epoch: behave like a crash
-            print(f"[{desc}] stopped after max_steps={max_steps} optimizer steps in epoch "
-                  f"{epoch}; no checkpoint written for it (rerun to resume).")
-            return history
-        val_metrics = (
-            evaluate(model, step_fn, val_set, batch_size=batch_size, collate_fn=collate_fn,
-                     device=device, num_workers=num_workers)
-            if val_set is not None else None
-        )
-        _step_scheduler(scheduler, val_metrics or train_metrics)
-        history.append(epoch, train_metrics, val_metrics, lr, time.perf_counter() - t0)
-        print(_epoch_line(desc, epoch, epochs, train_metrics, val_metrics, lr, history.wall_s[-1]))
+    monitor, tracker = ResourceMonitor(device), None
+    track_dir = track_dir if track_dir is not None else default_log_dir(desc)
+    if track_dir is not None and distributed.is_main_process():
+        tracker = Tracker(track_dir)
+        if start_epoch == 1:
+            tracker.log_run({**run_info, "world_size": distributed.world_size(), "desc": desc},
+                            weights_sha256(model))
+    try:
+        with distributed.peer_failures_named(desc):
+            for epoch in range(start_epoch, epochs + 1):
+                t0 = time.perf_counter()
+                lr = float(optimizer.param_groups[0]["lr"])
+                train_metrics, steps_left = _train_one_epoch(
+                    model, step_fn, train_set, optimizer, device,
+                    batch_size=batch_size, collate_fn=collate_fn, seed=seed, epoch=epoch,
+                    epochs=epochs, grad_clip=grad_clip, steps_left=steps_left,
+                    progress=progress, desc=desc, num_workers=num_workers, scaler=scaler, runner=runner,
+                    watch=StepRecorder(history, monitor, tracker),
+                )
+                if train_metrics is None:  # max_steps reached mid-epoch: behave like a crash
+                    _say(f"[{desc}] stopped after max_steps={max_steps} optimizer steps in epoch "
+                          f"{epoch}; no checkpoint written for it (rerun to resume).")
+                    return history
+                val_metrics = (
+                    evaluate(model, step_fn, val_set, batch_size=batch_size, collate_fn=collate_fn,
+                             device=device, num_workers=num_workers)
+                    if val_set is not None else None
+                )
+                _step_scheduler(scheduler, val_metrics or train_metrics)
+                history.append(epoch, train_metrics, val_metrics, lr, time.perf_counter() - t0)
+                _say(_epoch_line(desc, epoch, epochs, train_metrics, val_metrics, lr, history.wall_s[-1]))
+                if tracker is not None:
+                    tracker.log_epoch(epoch, train_metrics, val_metrics, lr)
 
-        if ckpt_dir is not None:
-            save_checkpoint(checkpoint_path(ckpt_dir, epoch), model=model, optimizer=optimizer,
-                            scheduler=scheduler, epoch=epoch, history=history,
-                            extra={"fit": run_info})
-            prune_checkpoints(ckpt_dir, keep if keep is not None else set(range(1, epoch + 1)),
-                              latest=epoch)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, history)
-    return history
+                if ckpt_dir is not None and distributed.is_main_process():
+                    save_checkpoint(checkpoint_path(ckpt_dir, epoch), model=model, optimizer=optimizer,
+                                    scheduler=scheduler, epoch=epoch, history=history,
+                                    extra={"fit": {**run_info, "world_size": distributed.world_size()}})
+                    prune_checkpoints(ckpt_dir, keep if keep is not None else set(range(1, epoch + 1)),
+                                      latest=epoch)
+                distributed.barrier()  # every rank leaves the epoch once its checkpoint is on disk
+                if on_epoch_end is not None and distributed.is_main_process():
+                    on_epoch_end(epoch, history)
+            return history
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+def _say(line: str) -> None:
+    """Print on rank 0 only: ``W`` copies of every line would say nothing more."""
+    if distributed.is_main_process():
+        print(line)
 
 
 def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -273,13 +321,16 @@ def _start_or_resume(
 
     Returns the history so far and the first epoch still to train (``> epochs`` when done).
     """
-    existing = list_checkpoints(ckpt_dir)
-    if existing and not resume:
+    if not resume and ckpt_dir is not None:
         # Stale files from an older run would be picked up by a later resume: remove them.
-        print(f"[{desc}] resume=False: removing {len(existing)} old checkpoint(s) in {ckpt_dir}")
-        for p in existing.values():
-            p.unlink(missing_ok=True)
-        existing = {}
+        stale = list_checkpoints(ckpt_dir)
+        if stale:
+            _say(f"[{desc}] resume=False: removing {len(stale)} old checkpoint(s) in {ckpt_dir}")
+        if distributed.is_main_process():
+            for p in stale.values():
+                p.unlink(missing_ok=True)
+        distributed.barrier()  # on every rank alike: the others must not list before rank 0 is done
+    existing = list_checkpoints(ckpt_dir) if resume else {}
     if not existing:
         seed_everything(seed, deterministic=False)
         return History(), 1
@@ -289,6 +340,10 @@ def _start_or_resume(
                            restore_rng=True)
     done = int(ckpt["epoch"])
     stored = (ckpt.get("extra") or {}).get("fit") or {}
+    was = int(stored.get("world_size", 1))
+    if was != distributed.world_size():
+        _say(f"[{desc}] {path} was written by a run of {was} process(es); continuing with "
+             f"{distributed.world_size()} (the global batch of {batch_size} is the same)")
     for key, now in (("seed", seed), ("batch_size", batch_size)):
         if key in stored and stored[key] != now:
             warnings.warn(
@@ -298,31 +353,11 @@ def _start_or_resume(
     history: History = ckpt["history"]
     if done >= epochs:
         extra = f" (it holds {done} epochs, more than the {epochs} asked for)" if done > epochs else ""
-        print(f"[{desc}] already done: loaded {path}{extra}; returning its history without "
+        _say(f"[{desc}] already done: loaded {path}{extra}; returning its history without "
               f"training. Delete {ckpt_dir} or pass resume=False to train again.")
         return history, epochs + 1
-    print(f"[{desc}] resumed from {path}: continuing at epoch {done + 1}/{epochs}")
+    _say(f"[{desc}] resumed from {path}: continuing at epoch {done + 1}/{epochs}")
     return history, done + 1
-
-
-def _make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    collate_fn: Callable[[list[Any]], Any] | None,
-    shuffle_seed: int | None,
-    num_workers: int = 0,
-) -> DataLoader:
-    """A DataLoader whose order, with ``shuffle_seed``, depends on it alone.
-
-    The sampler draws the order in the main process from its own generator, so worker processes
-    (``num_workers > 0``) change only who loads each batch, not which examples it holds.
-    """
-    generator = None
-    if shuffle_seed is not None:
-        generator = torch.Generator()
-        generator.manual_seed(shuffle_seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle_seed is not None,
-                      generator=generator, collate_fn=collate_fn, num_workers=num_workers)
 
 
 def _train_one_epoch(
@@ -343,16 +378,29 @@ def _train_one_epoch(
     desc: str,
     num_workers: int = 0,
     scaler: torch.amp.GradScaler | None = None,
+    runner: nn.Module | None = None,
+    watch: StepRecorder | None = None,
 ) -> tuple[dict[str, float] | None, int | None]:
     """One pass over ``train_set``.
 
-    Returns the epoch's batch-size-weighted mean metrics (``None`` if ``steps_left`` ran out
-    before the epoch ended) and the remaining step budget.
+    ``runner`` (under ``torchrun``) is the ``DistributedDataParallel`` wrapper of the step; this
+    rank then loads its share of each global batch.
+
+    Returns the epoch's batch-size-weighted mean metrics (averaged over ranks; ``None`` if
+    ``steps_left`` ran out before the epoch ended) and the remaining step budget.
     """
     from tqdm.auto import tqdm
 
     model.train()
-    loader = _make_loader(train_set, batch_size, collate_fn, shuffle_seed=seed + epoch, num_workers=num_workers)
+    if runner is None:
+        loader = make_loader(train_set, batch_size, collate_fn, shuffle_seed=seed + epoch,
+                              num_workers=num_workers)
+        run_step = lambda b: step_fn(model, b)  # noqa: E731
+    else:
+        loader = rank_loader(train_set, batch_size, collate_fn, seed + epoch, num_workers)
+        runner.train()
+        run_step = runner
+        progress = progress and distributed.is_main_process()
     sums: dict[str, torch.Tensor] = {}
     n_seen = 0
     bar = tqdm(loader, desc=f"{desc} {epoch}/{epochs}", disable=not progress, leave=False)
@@ -365,7 +413,7 @@ def _train_one_epoch(
             batch = to_device(batch, device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.float16, enabled=scaler is not None):
-                out, n = _check_step_output(step_fn(model, batch), f"(epoch {epoch}, step {step})")
+                out, n = _check_step_output(run_step(batch), f"(epoch {epoch}, step {step})")
             n = n if n is not None else batch_size_of(batch)
             loss = out["loss"]
             if not loss.requires_grad:
@@ -389,13 +437,19 @@ def _train_one_epoch(
                 steps_left -= 1
             _accumulate(sums, out, n)
             n_seen += n
+            global_step = (epoch - 1) * len(loader) + step + 1
+            if watch is not None:
+                watch.step(global_step)
             if step % refresh_every == 0:
                 running = (sums["loss"] / n_seen).item()
                 _check_finite(running, epoch, step)
                 bar.set_postfix(loss=f"{running:.4f}")
+                if watch is not None:
+                    watch.loss(global_step, running)
     finally:
         bar.close()
     metrics = {k: (v / n_seen).item() for k, v in sums.items()}
+    metrics = distributed.all_reduce_mean(metrics, n_seen)
     _check_finite(metrics["loss"], epoch, step)
     return metrics, steps_left
 
@@ -431,15 +485,21 @@ def evaluate(
     """Mean of ``step_fn``'s metrics over ``dataset`` in eval mode (weighted by batch size),
     batches loaded by ``num_workers`` processes (0: the main process).
 
-    The model is put back in training mode afterwards only if it was in it before.
+    The model is put back in training mode afterwards only if it was in it before.  Under
+    ``torchrun`` each rank evaluates every ``W``-th example and the means are combined (a set
+    smaller than the world size is evaluated whole by every rank).
     """
     device = _resolve_device(model, device)
+    w = distributed.world_size()
+    sharded = distributed.is_distributed() and len(dataset) >= w  # type: ignore[arg-type]
+    if sharded:
+        dataset = torch.utils.data.Subset(dataset, range(distributed.rank(), len(dataset), w))  # type: ignore[arg-type]
     was_training = model.training
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     n_seen = 0
     try:
-        for step, batch in enumerate(_make_loader(dataset, batch_size, collate_fn, None, num_workers)):
+        for step, batch in enumerate(make_loader(dataset, batch_size, collate_fn, None, num_workers)):
             batch = to_device(batch, device, non_blocking=True)
             out, n = _check_step_output(step_fn(model, batch), f"(validation step {step})")
             n = n if n is not None else batch_size_of(batch)
@@ -449,7 +509,8 @@ def evaluate(
         model.train(was_training)
     if n_seen == 0:
         raise ValueError("the validation set is empty")
-    return {k: (v / n_seen).item() for k, v in sums.items()}
+    metrics = {k: (v / n_seen).item() for k, v in sums.items()}
+    return distributed.all_reduce_mean(metrics, n_seen) if sharded else metrics
 
 
 def _step_scheduler(scheduler: Any | None, metrics: Mapping[str, float]) -> None:

@@ -112,9 +112,9 @@ def test_one_cache_root_one_run_folder_one_offline_decision() -> None:
     assert [h.split(":")[0] for h in _grep(r"\bdef cache_root\b|\bdef cache_dir\b")] == ["course_utils/cache.py"]
     assert [h.split(":")[0] for h in _grep(r"\bdef run_dir\b|\bdef checkpoint_dir\b|\bdef checkpoint_root\b")] == [
         "course_utils/cache.py"]
-    # folder names are hashed in one place; the other sha256 users hash file contents
+    # folder names are hashed in one place; the other sha256 users hash file or weight contents
     hashing = {h.split(":")[0] for h in _grep(r"hashlib\.sha256\(")}
-    assert hashing <= {"course_utils/cache.py", "course_utils/clip/small.py"}, hashing
+    assert hashing <= {"course_utils/cache.py", "course_utils/clip/small.py", "course_utils/tracking.py"}, hashing
     assert {h.split(":")[0] for h in _grep(r"socket\.(create_connection|socket)\(")} == {"course_utils/registry.py"}
 
 

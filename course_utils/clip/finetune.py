@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .. import distributed
 from ..devices import module_device, to_device
 from ..history import History
 from ..svt import SVTSplit
@@ -137,6 +138,14 @@ def contrastive_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Te
         :data:`MAX_LOGIT_SCALE`.
     """
     images, tokens = _batch_on_model(model, batch)
+    if distributed.is_distributed():
+        # Under torchrun: Algorithm 1 on the *global* batch.  Every rank encodes its share, the
+        # embeddings of all shares are gathered (differentiably), and each rank computes the same
+        # loss over every image and text; each text is kept once across all shares.
+        image_emb = distributed.all_gather_rows(model.encode_image(images))
+        text_emb = distributed.all_gather_rows(model.encode_text(tokens))
+        keep = distinct_pairs(distributed.all_gather_rows(tokens))
+        return clip_contrastive_loss(image_emb[keep], text_emb[keep], clamp_logit_scale(model))
     keep = distinct_pairs(tokens)
     images, tokens = images[keep], tokens[keep]
     return clip_contrastive_loss(model.encode_image(images), model.encode_text(tokens), clamp_logit_scale(model))

@@ -36,6 +36,7 @@ from ..clip.odits_loss import odits_step_fn, word_class_weights
 from ..clip.wordspotting import table_2_6_metrics
 from ..history import History
 from ..svt import SVTSplit
+from ..tracking import tensors_sha256, weights_sha256
 from ..train import fit
 from .clip_finetune import best_checkpoint_path, finetune_and_select
 
@@ -44,6 +45,7 @@ __all__ = [
     "finetune_start_clip",
     "head_to_head",
     "load_start_clip",
+    "odits_knobs",
     "split_features",
     "train_odits",
 ]
@@ -113,9 +115,20 @@ def split_features(bundle: ClipBundle, splits: Mapping[str, SVTSplit], source: M
             for name, split in splits.items()}
 
 
+def odits_knobs(clip: nn.Module, feats: ObjectFeatures, words: Sequence[str], cfg: Mapping[str, Any],
+                use_objects: bool) -> dict[str, Any]:
+    """What an ODITS run depends on, for :func:`course_utils.cache.run_dir`: the profile's
+    ``odits`` settings, the ablation, the starting CLIP's weights and the training features
+    (sha256 of each), so that a run never resumes from checkpoints of other weights or objects."""
+    tensors = {k: getattr(feats, k) for k in ("image_emb", "object_emb", "conf", "valid", "counts", "targets")}
+    return {"odits": {k: v for k, v in sorted(dict(cfg).items())}, "use_objects": bool(use_objects),
+            "clip": weights_sha256(clip)[:16], "features": tensors_sha256(tensors)[:16], "words": list(words)}
+
+
 def train_odits(clip: nn.Module, feats: ObjectFeatures, words: Sequence[str], text_emb: torch.Tensor,
                 cfg: Mapping[str, Any], *, use_objects: bool = True, device: str | torch.device | None = None,
-                progress: bool = False, **model_kwargs: Any) -> tuple[ODITS, History, dict[str, Any]]:
+                progress: bool = False, ckpt_dir: str | Path | None = None, resume: bool = True,
+                **model_kwargs: Any) -> tuple[ODITS, History, dict[str, Any]]:
     """Build ODITS on a deep copy of ``clip`` and train its new layers with the shared loop.
 
     Args:
@@ -128,6 +141,8 @@ def train_odits(clip: nn.Module, feats: ObjectFeatures, words: Sequence[str], te
         device: where to train (default: where ``clip`` is).  ODITS is built on ``clip``'s
             device and :func:`course_utils.train.fit` moves it to ``device``; ``feats`` stay on
             the CPU and fit moves each batch.
+        ckpt_dir, resume: :func:`course_utils.train.fit`'s (notebook 08 and the command line use
+            ``run_dir("08_odits", odits_knobs(...))``, so either finds the other's run).
         model_kwargs: passed to :class:`course_utils.clip.odits.ODITS` (e.g. the notebook's
             ``similarity_fn``).
 
@@ -144,7 +159,8 @@ def train_odits(clip: nn.Module, feats: ObjectFeatures, words: Sequence[str], te
     t0 = time.perf_counter()
     hist = fit(model, odits_step_fn(weights), ObjectFeatureDataset(feats), epochs=cfg["epochs"],
                batch_size=cfg["batch_size"], optimizer=opt, seed=cfg["seed"], grad_clip=cfg["grad_clip"],
-               progress=progress, desc="ODITS" if use_objects else "ODITS without objects", device=device)
+               progress=progress, desc="ODITS" if use_objects else "ODITS without objects", device=device,
+               ckpt_dir=ckpt_dir, resume=resume)
     info = {"train_s": time.perf_counter() - t0, "final_loss": hist.train["loss"][-1],
             "trainable_params": sum(p.numel() for p in params)}
     return model, hist, info

@@ -294,13 +294,19 @@ def variant_config(direction: str, agg: str, cfg: dict) -> ScanConfig:
     return ScanConfig(direction, agg, float(lam), float(cfg["lambda_lse"]))
 
 
-def scan_grid_knobs(cfg: dict, seed: int = 0) -> dict:
+def scan_grid_knobs(cfg: dict, seed: int = 0, features: dict | None = None) -> dict:
     """What the grid's checkpoints depend on: the feature knobs and every training knob of
     :func:`run_variant`.  Its checkpoints: ``run_dir("04_scan_grid", scan_grid_knobs(cfg, seed))``,
-    one subfolder per variant."""
+    one subfolder per variant.
+
+    ``features``: what the features depend on when they are not the synthetic ones of
+    :func:`feature_knobs` (``source.knobs`` of
+    :func:`~course_utils.recipes.retrieval_data.load_retrieval_inputs`; for the synthetic scenes it
+    *is* ``feature_knobs(cfg, seed)``, so the folder is the same as without it)."""
     keys = ("word_dim", "embed_dim", "batch_size", "epochs", "lr", "margin", "lambda_softmax_t2i",
             "lambda_softmax_i2t", "lambda_lse", "warmup_epochs")
-    return {"features": feature_knobs(cfg, seed), "train": {k: cfg[k] for k in keys}}
+    return {"features": feature_knobs(cfg, seed) if features is None else features,
+            "train": {k: cfg[k] for k in keys}}
 
 
 def run_variant(data: RetrievalData, level: str, row: str, cfg: dict, *, seed: int = 0,
@@ -346,7 +352,10 @@ TEXT_LEVELS = {"fine": "noun phrases", "coarse": "whole caption"}
 
 
 def qa_inputs(feats: dict[str, torch.Tensor], image_size: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(global (N, F), regions (N, k, F), keep (N, k))`` from one split's cached features."""
+    """``(global (N, F), regions (N, k, F), keep (N, k))`` from one split's cached features.
+
+    Real precomputed features carry no boxes: :mod:`~course_utils.recipes.retrieval_data` gives each
+    region the whole frame, so the object prior keeps all of them."""
     return feats["coarse"][:, 0], feats["fine"], keep_regions(feats["boxes"], image_size, alpha)
 
 
@@ -389,12 +398,14 @@ def train_query_agnostic(model: QueryAgnostic, global_feat: torch.Tensor, region
                desc="query-agnostic", device=device)
 
 
-def query_agnostic_knobs(cfg: dict, seed: int = 0) -> dict:
+def query_agnostic_knobs(cfg: dict, seed: int = 0, features: dict | None = None) -> dict:
     """What the query-agnostic model's checkpoints depend on: the feature knobs and every knob of
     :func:`run_query_agnostic`.  Its checkpoints:
-    ``run_dir("05_query_agnostic", query_agnostic_knobs(cfg, seed))``, one subfolder per text level."""
+    ``run_dir("05_query_agnostic", query_agnostic_knobs(cfg, seed))``, one subfolder per text level.
+    ``features`` as in :func:`scan_grid_knobs`."""
     keys = ("word_dim", "embed_dim", "batch_size", "qa_alpha", "qa_heads", "qa_epochs", "qa_lr")
-    return {"features": feature_knobs(cfg, seed), "train": {k: cfg[k] for k in keys}}
+    return {"features": feature_knobs(cfg, seed) if features is None else features,
+            "train": {k: cfg[k] for k in keys}}
 
 
 def run_query_agnostic(data: RetrievalData, cfg: dict, *, text_level: str = "fine", seed: int = 0,
