@@ -326,8 +326,10 @@ def estimate_08(cfg: Config) -> Estimate:
         phases.append(_vit_train_phase(cfg, model, "fine-tune CLIP as notebook 07 (no checkpoint on a fresh VM)"))
     size = model_bytes(model)
     kept = len([e for e in cfg.svt.ft_checkpoints if e <= cfg.svt.ft_epochs])
+    # notebook 07's kept checkpoints and its chosen weights, then the latest checkpoint of ODITS and
+    # of its ablation (each holds the frozen CLIP too)
     return Estimate("08", phases, disk_bytes=DOWNLOADS["sam_vit_b"] + DOWNLOADS["clip_vit_b32_openai"]
-                    + DOWNLOADS["svt"] * 2.2 + (kept + 2) * size)
+                    + DOWNLOADS["svt"] * 2.2 + (kept + 2) * size + 2 * size)
 
 
 ESTIMATORS: dict[str, Callable[[Config], Estimate]] = {

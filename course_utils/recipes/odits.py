@@ -160,7 +160,7 @@ def train_odits(clip: nn.Module, feats: ObjectFeatures, words: Sequence[str], te
     hist = fit(model, odits_step_fn(weights), ObjectFeatureDataset(feats), epochs=cfg["epochs"],
                batch_size=cfg["batch_size"], optimizer=opt, seed=cfg["seed"], grad_clip=cfg["grad_clip"],
                progress=progress, desc="ODITS" if use_objects else "ODITS without objects", device=device,
-               ckpt_dir=ckpt_dir, resume=resume)
+               ckpt_dir=ckpt_dir, resume=resume, keep_epochs=())  # the latest only: each holds the CLIP
     info = {"train_s": time.perf_counter() - t0, "final_loss": hist.train["loss"][-1],
             "trainable_params": sum(p.numel() for p in params)}
     return model, hist, info
