@@ -92,11 +92,16 @@ def test_clip_finetune_one_then_two_processes_and_the_notebook_loads_it(cache, c
     from course_utils.clip.data import load_svt_data
     from course_utils.clip.finetune import finetune, pair_dataset
     from course_utils.clip.loading import load_clip
-    from course_utils.recipes.clip_finetune import finetune_knobs
+    from course_utils.recipes.clip_finetune import best_checkpoint_path, finetune_knobs
 
-    assert "[fine-tune CLIP] epoch 1/1" in _in_process("clip-finetune", capsys)
+    out = _in_process("clip-finetune", capsys)
+    assert "[fine-tune CLIP] epoch 1/1" in out and "best checkpoint by precision: +1" in out
+    best = best_checkpoint_path("smoke")
+    assert best.is_file()  # notebook 08 and the odits recipe start from it
+    best.unlink()
     two = _torchrun("clip-finetune", cache)
     assert two.returncode == 0, two.stdout + two.stderr
+    assert best.is_file()
     S = get_config("smoke").svt
     data = load_svt_data(S, verbose=False)
     bundle = load_clip(S.clip_kind, device="cpu", verbose=False)
@@ -132,6 +137,7 @@ def test_odits_one_then_two_processes_and_the_notebook_loads_it(cache, capsys):
 
     out = _in_process("odits", capsys)
     assert "[ODITS] epoch 2/2" in out and "[ODITS without objects] epoch 2/2" in out
+    assert "notebook 07's checkpoint is missing" in out  # no clip-finetune run in this cache
     two = _torchrun("odits", cache)
     assert two.returncode == 0, two.stdout + two.stderr
     cfg = get_config("smoke")
