@@ -19,12 +19,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nbformat
+from jupyter_client import AsyncKernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
@@ -64,6 +65,25 @@ class RunResult:
     cells_executed: int = 0
     saved_to: Path | None = None
     notebook: nbformat.NotebookNode | None = field(default=None, repr=False)
+
+
+class WrappedKernelManager(AsyncKernelManager):
+    """A kernel started through ``wrap(command)`` (the grader's sandbox), talking over Unix
+    sockets in ``folder`` rather than TCP, so that it needs no network namespace of ours."""
+
+    def __init__(self, wrap: Callable[[list[str]], list[str]], folder: Path,
+                 prepare: Callable[[Path], None] | None = None, **kwargs: Any) -> None:
+        super().__init__(transport="ipc", ip=str(Path(folder) / "kernel"), **kwargs)
+        self.connection_file = str(Path(folder) / "kernel.json")
+        self._wrap, self._prepare, self._folder = wrap, prepare, Path(folder)
+
+    def format_kernel_cmd(self, extra_arguments: list[str] | None = None) -> list[str]:
+        # a signal would reach the wrapper, not the kernel: interrupt over the control channel
+        self.kernel_spec.interrupt_mode = "message"
+        cmd = super().format_kernel_cmd(extra_arguments)
+        if self._prepare is not None:
+            self._prepare(self._folder)  # e.g. hand the connection file to the sandbox's user
+        return self._wrap(cmd)
 
 
 class _Watchdog:
@@ -135,7 +155,9 @@ def run_notebook(path: str | Path, *, profile: str = "smoke", timeout_cell: floa
                  env_extra: Mapping[str, str] | None = None, save_to: str | Path | None = None,
                  allow_errors: bool = False, kernel_name: str = KERNEL_NAME,
                  notebook: nbformat.NotebookNode | None = None,
-                 kernel_log: str | Path | None = None) -> RunResult:
+                 kernel_log: str | Path | None = None,
+                 kernel_manager: AsyncKernelManager | None = None,
+                 env: Mapping[str, str] | None = None) -> RunResult:
     """Execute the notebook at ``path`` in a fresh kernel and report what happened.
 
     Args:
@@ -154,6 +176,9 @@ def run_notebook(path: str | Path, *, profile: str = "smoke", timeout_cell: floa
         notebook: an already-read notebook to run instead of reading ``path``.
         kernel_log: file for the kernel process's own stderr (start-up warnings, crashes);
             default: inherited.  What the notebook prints goes to its outputs either way.
+        kernel_manager: start the kernel with this manager (the grader's sandboxed one).
+        env: the kernel's whole environment instead of ours plus the profile (``env_extra`` and
+            ``COURSE_PROFILE`` are still added).
     """
     path = Path(path)
     nb = notebook if notebook is not None else nbformat.read(path, as_version=4)
@@ -161,10 +186,16 @@ def run_notebook(path: str | Path, *, profile: str = "smoke", timeout_cell: floa
     cell_errors: list[CellError] = []
     timed_out_cells: list[int] = []
 
-    current = {"cell": None}
+    current: dict[str, int | None] = {"cell": None, "exited": None}
 
     def on_cell_execute(cell: Any, cell_index: int) -> None:
         current["cell"] = cell_index
+
+    def on_cell_executed(cell: Any, cell_index: int, execute_reply: dict) -> None:
+        # exit() replies normally, then the kernel goes: name the cell that asked
+        payload = (execute_reply or {}).get("content", {}).get("payload", [])
+        if current["exited"] is None and any(p.get("source") == "ask_exit" for p in payload):
+            current["exited"] = cell_index
 
     def on_cell_error(cell: Any, cell_index: int, execute_reply: dict) -> None:
         content = execute_reply.get("content", {})
@@ -188,18 +219,23 @@ def run_notebook(path: str | Path, *, profile: str = "smoke", timeout_cell: floa
         resources={"metadata": {"path": str(cwd)}},
         on_cell_error=on_cell_error,
         on_cell_execute=on_cell_execute,
+        on_cell_executed=on_cell_executed,
+        **({"km": kernel_manager} if kernel_manager is not None else {}),
     )
     start = time.monotonic()
     error: str | None = None
-    launch: dict[str, Any] = {"env": kernel_env(profile, env_extra), "cwd": str(cwd)}
+    kenv = kernel_env(profile, env_extra) if env is None else {
+        **env, "COURSE_PROFILE": profile, **(env_extra or {})}
+    launch: dict[str, Any] = {"env": kenv, "cwd": str(cwd)}
     log = open(kernel_log, "ab") if kernel_log is not None else None  # noqa: SIM115
     if log is not None:
-        launch["stderr"] = log  # handed to Popen by jupyter_client
+        launch["stderr"] = launch["stdout"] = log  # handed to Popen by jupyter_client
     with _Watchdog(client, timeout_total) as watchdog:
         try:
             client.execute(**launch)
         except DeadKernelError:
             error = f"the kernel died while running cell {current['cell']} (a crash, out of memory or an exit)"
+
         except (CellTimeoutError, CellExecutionError, RuntimeError,
                 TimeoutError) as exc:
             error = _first_line(str(exc)) or type(exc).__name__
@@ -209,6 +245,9 @@ def run_notebook(path: str | Path, *, profile: str = "smoke", timeout_cell: floa
             if log is not None:
                 log.close()
     seconds = time.monotonic() - start
+    if current["exited"] is not None:
+        error = (f"cell {current['exited']} called exit(), which stops the kernel: the cells "
+                 "after it did not run")
     timed_out = watchdog.fired or bool(timed_out_cells)
     if watchdog.fired:
         error = f"notebook ran longer than {_secs(timeout_total)} s and was stopped"

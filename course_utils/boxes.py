@@ -13,6 +13,7 @@ that the comparison is exact:
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -27,23 +28,59 @@ def check_boxes(boxes: torch.Tensor, name: str = "boxes", allow_empty: bool = Tr
     """Raise a ``ValueError`` naming ``name`` unless ``boxes`` is a valid ``(N, 4)`` float box tensor.
 
     Valid means: floating dtype, shape ``(N, 4)``, finite, and ``x2 >= x1``, ``y2 >= y1``.
+    Degenerate boxes (``x2 == x1``) are valid: only inverted ones are rejected.
     """
     if not isinstance(boxes, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape (N, 4), got {type(boxes).__name__}")
     if boxes.ndim != 2 or boxes.shape[-1] != 4:
-        raise ValueError(f"{name}: expected shape (N, 4) as (x1, y1, x2, y2), got {tuple(boxes.shape)}")
+        raise ValueError(f"{name}: expected shape (N, 4) as (x1, y1, x2, y2), got {tuple(boxes.shape)} "
+                         f"dtype {boxes.dtype}")
     if not boxes.dtype.is_floating_point:
+        # torchvision's box_iou takes integer boxes; ours does not, so that IoU, Eq. 1 and the
+        # anchors all run in one float dtype instead of silently mixing int and float arithmetic.
         raise ValueError(f"{name}: expected a floating dtype, got {boxes.dtype} (use boxes.float())")
     if boxes.shape[0] == 0:
         if not allow_empty:
             raise ValueError(f"{name}: expected at least one box, got none")
         return
-    if not torch.isfinite(boxes).all():
-        raise ValueError(f"{name}: contains NaN or inf")
-    bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"{name}: box {i} = {boxes[i].tolist()} has x2 < x1 or y2 < y1")
+    # One mask and one .any(): a single host sync when the boxes are on a GPU.
+    nonfinite = ~torch.isfinite(boxes).all(dim=1)
+    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if not bool((nonfinite | inverted).any()):
+        return
+    if nonfinite.any():
+        raise ValueError(f"{name}: contains NaN or inf (box {int(nonfinite.nonzero()[0])})")
+    i = int(inverted.nonzero()[0])
+    raise ValueError(f"{name}: box {i} = {boxes[i].tolist()} has x2 < x1 or y2 < y1")
+
+
+def _check_deltas(deltas: torch.Tensor, name: str) -> None:
+    """``deltas`` must be an ``(N, 4)`` float tensor; values are not checked (a diverging head's
+    NaN is reported by ``fit``'s finite-loss check, not here)."""
+    if not isinstance(deltas, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape (N, 4), got {type(deltas).__name__}")
+    if deltas.ndim != 2 or deltas.shape[1] != 4 or not deltas.dtype.is_floating_point:
+        raise ValueError(f"{name}: expected a float tensor of shape (N, 4) as (tx, ty, tw, th), got "
+                         f"shape {tuple(deltas.shape)} dtype {deltas.dtype}")
+
+
+def _check_same_length(a: torch.Tensor, b: torch.Tensor, where: str, names: tuple[str, str]) -> None:
+    """Eq. 1 pairs row ``i`` with row ``i``: different lengths would broadcast or fail deep inside."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{where}: {names[0]} has {a.shape[0]} rows but {names[1]} has "
+                         f"{b.shape[0]} (expected one anchor per row)")
+
+
+def _positive_pair(value: tuple[int, int], name: str) -> tuple[int, int]:
+    """``(height, width)`` as two positive ints; ``ValueError`` naming ``name`` otherwise."""
+    try:
+        h, w = (operator.index(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"anchor_grid: {name} must be a pair of ints (height, width), "
+                         f"got {value!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"anchor_grid: {name} must be positive, got {(h, w)}")
+    return h, w
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
@@ -55,8 +92,16 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """Intersection over union of every pair: ``(N, 4)``, ``(M, 4)`` -> ``(N, M)``.
 
     Equal to ``torchvision.ops.box_iou``.  A pair whose union is empty (two zero-area boxes)
-    gets IoU 0 rather than NaN.
+    gets IoU 0 rather than NaN.  Boxes must be float (:func:`check_boxes`), unlike
+    torchvision's, which also takes integer boxes.
     """
+    check_boxes(boxes1, "box_iou: boxes1")
+    check_boxes(boxes2, "box_iou: boxes2")
+    return _box_iou(boxes1, boxes2)
+
+
+def _box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """:func:`box_iou` without the checks, for callers that have just checked their boxes."""
     area1, area2 = box_area(boxes1), box_area(boxes2)
     # Broadcasting (N, 1, 2) against (M, 2) gives the corners of every intersection at once.
     top_left = torch.max(boxes1[:, None, :2], boxes2[:, :2])
@@ -75,8 +120,21 @@ def anchor_grid(feature_size: tuple[int, int], image_size: tuple[int, int],
     Equal to ``AnchorGenerator(((anchor_size,),), ((1.0,),))`` on a ``(H_f, W_f)`` feature map of
     an ``(H, W)`` image: the stride is ``H // H_f`` (integer division, as torchvision) and the
     anchor of cell ``(i, j)`` is centred on ``(j * stride_x, i * stride_y)``.
+
+    Raises:
+        ValueError: a non-positive size, or a feature map larger than the image (the stride
+            would be 0 and every anchor would sit at ``(0, 0)``).
     """
-    (fh, fw), (ih, iw) = feature_size, image_size
+    (fh, fw), (ih, iw) = _positive_pair(feature_size, "feature_size"), _positive_pair(image_size, "image_size")
+    if fh > ih or fw > iw:
+        raise ValueError(f"anchor_grid: feature_size {(fh, fw)} is larger than image_size {(ih, iw)}; "
+                         "expected a feature map of an image (stride = image // feature >= 1)")
+    try:
+        size_ok = math.isfinite(float(anchor_size)) and float(anchor_size) > 0
+    except (TypeError, ValueError):
+        size_ok = False
+    if not size_ok:
+        raise ValueError(f"anchor_grid: anchor_size must be a positive number of pixels, got {anchor_size!r}")
     stride_y, stride_x = ih // fh, iw // fw
     half = torch.round(torch.tensor(anchor_size, dtype=dtype) / 2)
     base = torch.stack([-half, -half, half, half])
@@ -104,11 +162,13 @@ def label_anchors(anchors: torch.Tensor, gt_boxes: torch.Tensor, pos_iou: float 
         matched: ``(A,)`` int64, the index of each anchor's best ground-truth box (``-1`` when
             ``G == 0``); only meaningful where ``labels == 1``.
     """
+    check_boxes(anchors, "label_anchors: anchors")
+    check_boxes(gt_boxes, "label_anchors: gt_boxes")
     num_anchors = anchors.shape[0]
     if gt_boxes.shape[0] == 0:
         return (torch.zeros(num_anchors, dtype=torch.int64, device=anchors.device),
                 torch.full((num_anchors,), -1, dtype=torch.int64, device=anchors.device))
-    iou = box_iou(gt_boxes, anchors)  # (G, A)
+    iou = _box_iou(gt_boxes, anchors)  # (G, A), both checked above
     best_iou, matched = iou.max(dim=0)
     labels = torch.full((num_anchors,), IGNORE, dtype=torch.int64, device=anchors.device)
     labels[best_iou < neg_iou] = NEGATIVE
@@ -137,6 +197,17 @@ def sample_anchors(labels: torch.Tensor, num_samples: int = 256, positive_fracti
         network learns what background looks like.  (torchvision's sampler instead fills the whole
         ``num_samples`` with negatives; the benchmark compares both.)
     """
+    # A 2-D label map would give (row, col) pairs from nonzero(), flattened into wrong indices.
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.dtype.is_floating_point \
+            or labels.dtype.is_complex or labels.dtype == torch.bool:
+        got = (f"shape {tuple(labels.shape)} dtype {labels.dtype}" if isinstance(labels, torch.Tensor)
+               else type(labels).__name__)
+        raise ValueError(f"sample_anchors: labels must be a 1-D int tensor of shape (A,) in {{1, 0, -1}}, "
+                         f"got {got}")
+    if not 0.0 < positive_fraction <= 1.0:
+        raise ValueError(f"sample_anchors: positive_fraction must be in (0, 1], got {positive_fraction!r}")
+    if num_samples < 0:
+        raise ValueError(f"sample_anchors: num_samples must be >= 0, got {num_samples!r}")
     pos = torch.nonzero(labels == POSITIVE).flatten()
     neg = torch.nonzero(labels == NEGATIVE).flatten()
     n_pos = min(pos.numel(), int(num_samples * positive_fraction))
@@ -161,6 +232,9 @@ def encode_boxes(gt_boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     ``t_x = (x - x_a) / w_a``, ``t_y = (y - y_a) / h_a``, ``t_w = log(w / w_a)``,
     ``t_h = log(h / h_a)``, with ``(x, y)`` box centres.  Equal to ``BoxCoder((1, 1, 1, 1))``.
     """
+    check_boxes(gt_boxes, "encode_boxes: gt_boxes")
+    check_boxes(anchors, "encode_boxes: anchors")
+    _check_same_length(gt_boxes, anchors, "encode_boxes", ("gt_boxes", "anchors"))
     xa, ya, wa, ha = _centre_size(anchors)
     x, y, w, h = _centre_size(gt_boxes)
     return torch.stack([(x - xa) / wa, (y - ya) / ha, torch.log(w / wa), torch.log(h / ha)], dim=1)
@@ -171,6 +245,9 @@ def decode_boxes(deltas: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
 
     ``t_w`` and ``t_h`` are clamped at ``log(1000 / 16)`` before ``exp`` as torchvision does.
     """
+    _check_deltas(deltas, "decode_boxes: deltas")
+    check_boxes(anchors, "decode_boxes: anchors")
+    _check_same_length(deltas, anchors, "decode_boxes", ("deltas", "anchors"))
     xa, ya, wa, ha = _centre_size(anchors.to(deltas.dtype))
     tx, ty = deltas[:, 0], deltas[:, 1]
     tw, th = deltas[:, 2].clamp(max=BBOX_XFORM_CLIP), deltas[:, 3].clamp(max=BBOX_XFORM_CLIP)

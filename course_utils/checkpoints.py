@@ -32,7 +32,10 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_model_state",
+    "optimizer_hparams",
     "prune_checkpoints",
+    "reject_lfs_pointer",
     "save_checkpoint",
 ]
 
@@ -41,9 +44,32 @@ CHECKPOINT_FORMAT_VERSION = 1
 
 _CKPT_NAME = re.compile(r"^epoch_(\d{3,})\.pt$")
 
+#: How every git-LFS pointer file begins (a clone without ``git lfs`` holds these, ~130 bytes).
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+#: Param-group keys that are not hyper-parameters of the optimizer: the parameters, switches
+#: that pick an implementation of the same update, and what a scheduler keeps there for itself.
+_NOT_HPARAMS = frozenset({"params", "foreach", "fused", "capturable", "differentiable",
+                          "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be read, or does not fit the model it is loaded into."""
+
+
+def reject_lfs_pointer(path: Path) -> None:
+    """Raise :class:`CheckpointError` when ``path`` is a git-LFS pointer instead of the file.
+
+    Every reader would otherwise fail on it with its own puzzling message (safetensors:
+    "header too large", torch: "invalid load key, 'v'").
+    """
+    with open(path, "rb") as f:
+        head = f.read(len(_LFS_POINTER))
+    if head == _LFS_POINTER:
+        raise CheckpointError(
+            f"{path}: this is a git-LFS pointer ({path.stat().st_size} bytes), not the weights "
+            "themselves; run `git lfs install && git lfs pull` in the repository to fetch them."
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +214,7 @@ def load_checkpoint(
     scheduler: Any | None = None,
     map_location: str | torch.device = "cpu",
     restore_rng: bool = False,
+    hparams: str = "load",
 ) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` and load it into the given objects.
 
@@ -196,10 +223,19 @@ def load_checkpoint(
         model, optimizer, scheduler: loaded in place when given (strictly for the model).
         map_location: where tensors land before being copied into ``model``.
         restore_rng: also restore the global RNG states (``fit`` does this to resume exactly).
+        hparams: what to do when ``optimizer``'s class or hyper-parameters (``lr``, ``betas``,
+            ``momentum``, ``weight_decay``, ...) differ from the checkpoint's (see
+            :func:`optimizer_hparams`): ``"load"`` (the checkpoint's values replace them, as
+            ``load_state_dict`` does), ``"check"`` (raise :class:`CheckpointError` listing each
+            difference, old -> new) or ``"override"`` (load the state, then put the new values
+            back; an optimizer of another class starts from fresh state).
 
     Returns:
         The checkpoint dict: ``epoch``, ``model``/``optimizer``/``scheduler`` state dicts,
-        ``history`` (as a :class:`History`), ``rng``, ``extra``, ``format_version``.
+        ``history`` (as a :class:`History`), ``rng``, ``extra``, ``format_version``; with
+        ``hparams="check"``/``"override"`` also ``optimizer_hparams`` (the record to save in
+        the next checkpoints' ``extra["fit"]["optimizer"]``) and ``hparam_notes`` (lines saying
+        what ``"override"`` changed).
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -209,10 +245,30 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if hparams not in ("load", "check", "override"):
+        raise ValueError(f"load_checkpoint: hparams={hparams!r}, expected 'load', 'check' or 'override'")
     ckpt = _read_checkpoint(path, map_location)
     if model is not None:
-        _load_model_state(model, ckpt["model"], path)
-    if optimizer is not None and ckpt.get("optimizer") is not None:
+        load_model_state(model, ckpt["model"], path)
+    load_state = optimizer is not None and ckpt.get("optimizer") is not None
+    if optimizer is not None and hparams != "load":
+        # Compared before loading: load_state_dict overwrites the param groups with the old ones.
+        new_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        ckpt["optimizer_hparams"], changes, other_class = _hparam_changes(ckpt, optimizer)
+        ckpt["hparam_notes"] = []
+        if changes and hparams == "check":
+            raise CheckpointError(
+                f"{path}: the optimizer differs from the one this run was trained with: "
+                + "; ".join(changes) + ". Pass fit(..., override_hparams=True) to continue with the "
+                "new values, or resume=False (or another ckpt_dir) to train from scratch."
+            )
+        if changes:
+            ckpt["optimizer_hparams"] = optimizer_hparams(optimizer)
+            load_state = load_state and not other_class  # another class's moments mean nothing
+            ckpt["hparam_notes"].append(
+                "override_hparams=True: continuing with the new optimizer settings ("
+                + "; ".join(changes) + ")" + (", its state starts afresh" if other_class else ""))
+    if load_state:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
@@ -220,6 +276,9 @@ def load_checkpoint(
                 f"{path}: optimizer state does not fit this optimizer ({e}). Build the optimizer "
                 "over the same parameters, in the same order, as when the checkpoint was written."
             ) from None
+        if hparams == "override" and ckpt["hparam_notes"]:
+            for group, new in zip(optimizer.param_groups, new_groups):
+                group.update(new)
     if scheduler is not None and ckpt.get("scheduler") is not None:
         scheduler.load_state_dict(ckpt["scheduler"])
     if restore_rng:
@@ -235,6 +294,7 @@ def _read_checkpoint(path: Path, map_location: str | torch.device) -> dict[str, 
         "partial copy or download) or not a course checkpoint. Delete it and rerun: training "
         "resumes from the previous epoch's checkpoint."
     )
+    reject_lfs_pointer(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... here
@@ -255,8 +315,9 @@ def _read_checkpoint(path: Path, map_location: str | torch.device) -> dict[str, 
     return ckpt
 
 
-def _load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """``model.load_state_dict(state)`` with a message that lists what does not fit."""
+def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """``model.load_state_dict(state)``, or a :class:`CheckpointError` naming ``path`` and the
+    missing / unexpected keys and mismatched shapes (a few of each) when ``state`` does not fit."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -284,6 +345,75 @@ def _head(items: Sequence[str], n: int = 8) -> str:
     """``[a, b, c] (+N more)`` so that a 200-key mismatch stays readable."""
     shown = ", ".join(items[:n])
     return f"[{shown}]" + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer hyper-parameters: what a resumed run must not change silently
+# --------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """A param-group value as a plain Python value (weights_only loading; exact comparison)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _group_hparams(group: Mapping[str, Any], as_built: bool) -> dict[str, Any]:
+    """The hyper-parameters of one param group; ``as_built``: ``lr`` as the optimizer was built
+    (a scheduler keeps that in ``initial_lr`` while it moves ``lr``)."""
+    out = {k: _plain(v) for k, v in group.items() if k not in _NOT_HPARAMS}
+    if as_built and "initial_lr" in group and "lr" in out:
+        out["lr"] = _plain(group["initial_lr"])
+    return out
+
+
+def optimizer_hparams(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``{"class": "Adam", "param_groups": [{"lr": ..., "betas": [...], ...}, ...]}``: the
+    optimizer's class and the hyper-parameters of each param group as it was built (see
+    :data:`_NOT_HPARAMS` for what is left out).  :func:`course_utils.train.fit` stores this in
+    every checkpoint and compares it on resume."""
+    return {"class": type(optimizer).__name__,
+            "param_groups": [_group_hparams(g, as_built=True) for g in optimizer.param_groups]}
+
+
+def _hparam_changes(ckpt: Mapping[str, Any], optimizer: torch.optim.Optimizer
+                    ) -> tuple[dict[str, Any], list[str], bool]:
+    """``(record, changes, other_class)``: the checkpoint's record of the optimizer the run was
+    started with, each change as ``"lr 0.01 -> 0.1"``, and whether the class differs.
+
+    A value counts as changed when it differs both from the value the run was started with and
+    from the value at the checkpoint: a scheduler moves ``lr`` between the two, so a freshly
+    built optimizer matches the first and one reused from an earlier ``fit`` matches the second.
+    """
+    live = [g for g in (ckpt.get("optimizer") or {}).get("param_groups") or []]
+    record = ((ckpt.get("extra") or {}).get("fit") or {}).get("optimizer")
+    if record is None and not live:
+        return optimizer_hparams(optimizer), [], False
+    if record is None:  # a checkpoint from before the record: the class is told by the keys
+        record = {"class": None, "param_groups": [_group_hparams(g, as_built=True) for g in live]}
+    now = optimizer_hparams(optimizer)
+    now_live = [_group_hparams(g, as_built=False) for g in optimizer.param_groups]
+    was_live = [_group_hparams(g, as_built=False) for g in live] or record["param_groups"]
+    changes: list[str] = []
+    start, cur = record["param_groups"], now["param_groups"]
+    other_class = record["class"] is not None and record["class"] != now["class"]
+    if record["class"] is None and len(start) == len(cur):
+        # Adam's groups have betas/eps, SGD's momentum/dampening: keys missing on *both* sides
+        # mean another class (one side only: a newer torch added a default, e.g. to Adam).
+        other_class = any(set(a) - set(b) and set(b) - set(a) for a, b in zip(start, cur))
+    if other_class:
+        changes.append(f"optimizer class {record['class'] or 'another optimizer'} -> {now['class']}")
+    if len(start) != len(cur) or len(was_live) != len(cur):
+        return record, changes, other_class  # load_state_dict names the group mismatch
+    for i, (a, b, la, lb) in enumerate(zip(start, cur, was_live, now_live)):
+        prefix = f"param_groups[{i}]." if len(cur) > 1 else ""
+        for k in sorted(set(a) & set(b)):
+            if a[k] != b[k] and la.get(k, a[k]) != lb.get(k, b[k]):
+                changes.append(f"{prefix}{k} {a[k]!r} -> {b[k]!r}")
+    return record, changes, other_class
 
 
 def prune_checkpoints(ckpt_dir: Path, keep_epochs: set[int], latest: int) -> None:

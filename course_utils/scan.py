@@ -145,9 +145,7 @@ class CaptionEncoder(nn.Module):
         """
         if tokens.ndim != 2:
             raise ValueError(f"tokens: expected shape (B, L), got {tuple(tokens.shape)}")
-        if (lengths < 1).any():
-            j = int((lengths < 1).nonzero()[0])
-            raise ValueError(f"caption {j} is empty (length 0); every caption needs a word")
+        check_lengths(lengths, tokens.shape[0])
         # Packing makes the backward direction start at each caption's last real word, not at padding.
         packed = pack_padded_sequence(self.embed(tokens), lengths.cpu(), batch_first=True,
                                       enforce_sorted=False)
@@ -160,6 +158,27 @@ class CaptionEncoder(nn.Module):
         out, _ = pad_packed_sequence(self.packed_words(tokens, lengths), batch_first=True,
                                      total_length=tokens.shape[1])
         return out
+
+
+def check_lengths(lengths: torch.Tensor, n_captions: int, max_len: int | None = None,
+                  where: str = "lengths") -> None:
+    """``lengths`` must be ``(n_captions,)`` with every entry in ``[1, max_len]``.
+
+    An empty caption has no word to attend to or pool over: its score would be NaN (a softmax
+    over nothing), so it is refused here, naming the caption.
+    """
+    if not isinstance(lengths, torch.Tensor) or lengths.ndim != 1 or lengths.shape[0] != n_captions:
+        got = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+        raise ValueError(f"{where}: expected shape ({n_captions},), one length per caption, got {got}")
+    if n_captions == 0:
+        return
+    if bool((lengths < 1).any()):
+        j = int((lengths < 1).nonzero()[0])
+        raise ValueError(f"{where}: caption {j} is empty (length {int(lengths[j])}); every caption needs a word")
+    if max_len is not None and bool((lengths > max_len).any()):
+        j = int((lengths > max_len).nonzero()[0])
+        raise ValueError(f"{where}: caption {j} has length {int(lengths[j])} but the word "
+                         f"embeddings hold only {max_len} positions")
 
 
 def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -251,21 +270,35 @@ def scan_scores(img: torch.Tensor, cap: torch.Tensor, lengths: torch.Tensor, cfg
     Args:
         img: ``(I, k, d)`` l2-normalised region embeddings.
         cap: ``(C, n, d)`` l2-normalised word embeddings (zero at padding).
-        lengths: ``(C,)`` number of real words of each caption.
+        lengths: ``(C,)`` number of real words of each caption, each in ``[1, n]``.
         cfg: the variant.
 
     Returns:
         ``(I, C)`` scores ``S(image, caption)``.
+
+    Raises:
+        ValueError: wrong ranks, different ``d`` of ``img`` and ``cap``, zero regions, or a
+            caption of length 0 (named by index).
 
     Why it never forms the attended vectors: the attended vector of a query is a convex
     combination of context vectors, so its dot product with the query is ``sum alpha * s`` and its
     squared norm is ``alpha^T G alpha`` with ``G`` the context's Gram matrix (``n x n`` or
     ``k x k``).  That replaces an ``I x C x q x d`` tensor by ``I x C x q x c`` ones (d >> c).
     """
+    if img.ndim != 3:
+        raise ValueError(f"scan_scores: img must be (N_img, R, D) region embeddings, got shape "
+                         f"{tuple(img.shape)}")
+    if cap.ndim != 3:
+        raise ValueError(f"scan_scores: cap must be (N_cap, L, D) word embeddings, got shape "
+                         f"{tuple(cap.shape)}")
     if img.shape[1] == 0:
         raise ValueError("img has zero regions per image (shape "
                          f"{tuple(img.shape)}); SCAN needs k >= 1")
+    if img.shape[2] != cap.shape[2]:
+        raise ValueError(f"scan_scores: img has embedding dim D={img.shape[2]} but cap has "
+                         f"D={cap.shape[2]} (shapes {tuple(img.shape)}, {tuple(cap.shape)})")
     n = cap.shape[1]
+    check_lengths(lengths, cap.shape[0], n, where="scan_scores: lengths")
     wmask = length_mask(lengths, n)                          # (C, n)
     s = torch.einsum("ikd,cnd->ickn", img, cap)              # (I, C, k, n) cosines
     if cfg.direction == "i2t":
@@ -380,6 +413,14 @@ def recall_at_k(sims: torch.Tensor, cap_to_img: torch.Tensor, ks: Sequence[int] 
         raise ValueError(f"sims {tuple(sims.shape)} and cap_to_img {tuple(cap_to_img.shape)}: "
                          "expected sims (I, C) with C = len(cap_to_img)")
     n_img, n_cap = sims.shape
+    if cap_to_img.ndim != 1 or cap_to_img.dtype.is_floating_point or cap_to_img.dtype == torch.bool:
+        raise ValueError(f"recall_at_k: cap_to_img must be a 1-D integer tensor, got dtype {cap_to_img.dtype}")
+    # A negative index would silently wrap around to the last images; a large one fails deep inside.
+    bad = (cap_to_img < 0) | (cap_to_img >= n_img)
+    if n_cap and bool(bad.any()):
+        j = int(bad.nonzero()[0])
+        raise ValueError(f"recall_at_k: cap_to_img[{j}] = {int(cap_to_img[j])} is not an image index "
+                         f"(sims has {n_img} images: expected 0..{n_img - 1})")
     pos = torch.zeros(n_img, n_cap, dtype=torch.bool)
     pos[cap_to_img, torch.arange(n_cap)] = True
     # t2i: rank of the right image = number of other images scoring at least as high.

@@ -29,38 +29,31 @@ How the real quirks are handled (each one is covered by ``tests/test_svt.py``):
 * **missing** ``<address>`` → ``None``; missing ``<Resolution>`` → read from the image header
   (or ``None`` when the image is not checked).
 * **grayscale / palette / CMYK images** → converted to RGB by :meth:`SVTImage.load`.
-* **malformed XML, a missing image, an empty lexicon, a zero-area box, a missing tag** → an
-  :class:`SVTFormatError` that names the file, the image (index and ``imageName``), the element
-  and what was expected.  With ``strict=False`` a missing image or a bad box is skipped instead
-  and the reason is recorded in :attr:`SVTSplit.issues`; malformed XML is always an error.
+* **malformed XML, a missing or unreadable image (a decompression bomb included), an empty
+  lexicon, a zero-area box or one entirely outside the image, a missing tag, a**
+  ``<Resolution>`` **that is not the image's size** → an :class:`SVTFormatError` that names the
+  file, the image (index and ``imageName``), the element and what was expected.  With
+  ``strict=False`` a missing image, a wrong resolution or a bad box is skipped instead and the
+  reason is recorded in :attr:`SVTSplit.issues`; malformed XML is always an error, and so is an
+  ``imageName`` that leaves the dataset folder (``../x.jpg``, an absolute path).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from PIL import Image
 
-__all__ = [
-    "SVTFormatError",
-    "SVTWord",
-    "SVTImage",
-    "SVTSplit",
-    "normalise_word",
-    "parse_lexicon",
-    "parse_svt_xml",
-    "load_svt",
-    "load_svt_splits",
-    "crop_word",
-    "lexicon_overlap",
-    "word_spotting_vocabulary",
-]
+__all__ = ["SVTFormatError", "SVTWord", "SVTImage", "SVTSplit", "normalise_word", "parse_lexicon",
+           "parse_svt_xml", "load_svt", "load_svt_splits", "crop_word", "lexicon_overlap",
+           "word_spotting_vocabulary"]
 
 SPLIT_FILES = {"train": "train.xml", "test": "test.xml"}
 
@@ -190,7 +183,8 @@ class SVTImage:
     def crops(self, pad: float = 0.0) -> list[Image.Image]:
         """Return one RGB crop per word box (see :func:`crop_word` for ``pad``)."""
         image = self.load()
-        return [crop_word(image, w, pad=pad) for w in self.words]
+        where = f"{self.path}: image #{self.index} ({self.image_name})"
+        return [crop_word(image, w, pad=pad, where=where) for w in self.words]
 
 
 @dataclass
@@ -296,8 +290,26 @@ def _open_rgb(path: Path, where: str) -> Image.Image:
             # SVT is RGB JPEG, but a grayscale ("L"), palette ("P") or CMYK file would give the
             # model a tensor with the wrong number of channels: convert instead of failing.
             return im.convert("RGB") if im.mode != "RGB" else im.copy()
-    except OSError as err:
+    except (OSError, Image.DecompressionBombError) as err:
         raise SVTFormatError(f"{where}: {path} is not a readable image ({err})") from err
+
+
+def _image_size(path: Path, where: str) -> tuple[int, int]:
+    """``(width, height)`` from the header alone (PIL opens lazily); errors name ``where``."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, Image.DecompressionBombError) as err:  # e.g. a header claiming 30000x30000
+        raise SVTFormatError(f"{where}: {path} is not a readable image ({err})") from err
+
+
+def _inside_root(name: str, where: str) -> None:
+    """``imageName`` must stay inside the dataset folder: no absolute path, no ``..`` above it.
+    Checked on the name, not the resolved path, so an ``img/`` symlinked into a cache still loads."""
+    normal = os.path.normpath(name.replace("\\", "/"))
+    if os.path.isabs(normal) or PureWindowsPath(name).drive or normal == ".." or normal.startswith("../"):
+        raise SVTFormatError(f"{where}: <imageName> {name!r} points outside the dataset folder "
+                             "(expected a path relative to it, such as img/14_03.jpg)")
 
 
 def _text(elem: ET.Element | None) -> str | None:
@@ -322,14 +334,19 @@ def _int_attr(elem: ET.Element, name: str, where: str) -> int:
     return int(number)
 
 
-def _parse_word(rect: ET.Element, where: str, strip_accents: bool) -> SVTWord:
-    """One ``taggedRectangle`` → :class:`SVTWord`; errors for a missing tag or zero area."""
+def _parse_word(rect: ET.Element, where: str, strip_accents: bool,
+                resolution: tuple[int, int] | None = None) -> SVTWord:
+    """One ``taggedRectangle`` → :class:`SVTWord`; errors for a missing tag, zero area or a box
+    with no pixel inside the image (when its ``resolution`` is known: crop_word clips the rest)."""
     x, y = _int_attr(rect, "x", where), _int_attr(rect, "y", where)
     w, h = _int_attr(rect, "width", where), _int_attr(rect, "height", where)
     if w <= 0 or h <= 0:
         raise SVTFormatError(
             f"{where}: width={w}, height={h} is a zero-area box (expected width > 0 and height > 0)"
         )
+    if resolution is not None and (x >= resolution[0] or y >= resolution[1] or x + w <= 0 or y + h <= 0):
+        raise SVTFormatError(f"{where}: box x={x}, y={y}, width={w}, height={h} lies entirely "
+                             f"outside the {resolution[0]}x{resolution[1]} image")
     raw = rect.findtext("tag")
     tag = normalise_word(raw or "", strip_accents=strip_accents)
     if not tag:
@@ -356,6 +373,7 @@ def _parse_image(
             "(expected a path such as img/14_03.jpg)"
         )
     where = f"{src}: image #{index} ({name})"
+    _inside_root(name, where)
     path = (root / name).resolve()
 
     if check_images and not path.is_file():
@@ -375,34 +393,32 @@ def _parse_image(
     if res is not None:
         resolution = (_int_attr(res, "x", f"{where}: <Resolution>"),
                       _int_attr(res, "y", f"{where}: <Resolution>"))
+        try:  # an unreadable image is reported by SVTImage.load(), as before
+            real = _image_size(path, where) if check_images else resolution
+        except SVTFormatError:
+            real = resolution
+        if real != resolution:
+            msg = (f"{where}: <Resolution> says {resolution[0]}x{resolution[1]} but {path} is "
+                   f"{real[0]}x{real[1]} pixels (expected the image's size)")
+            if strict:
+                raise SVTFormatError(msg)
+            issues.append(msg + " -> image skipped")
+            return None
     elif check_images:
-        # Only the header is read: PIL opens lazily.
-        try:
-            with Image.open(path) as im:
-                resolution = im.size
-        except OSError as err:
-            raise SVTFormatError(f"{where}: {path} is not a readable image ({err})") from err
+        resolution = _image_size(path, where)
 
     words: list[SVTWord] = []
     rects = elem.find("taggedRectangles")
     for k, rect in enumerate(rects.findall("taggedRectangle") if rects is not None else []):
         try:
-            words.append(_parse_word(rect, f"{where}: taggedRectangle #{k}", strip_accents))
+            words.append(_parse_word(rect, f"{where}: taggedRectangle #{k}", strip_accents, resolution))
         except SVTFormatError as err:
             if strict:
                 raise
             issues.append(f"{err} -> box skipped")
 
-    return SVTImage(
-        index=index,
-        image_name=name,
-        path=path,
-        address=_text(elem.find("address")),
-        lexicon=lexicon,
-        raw_lexicon=raw_lexicon,
-        resolution=resolution,
-        words=words,
-    )
+    return SVTImage(index=index, image_name=name, path=path, address=_text(elem.find("address")),
+                    lexicon=lexicon, raw_lexicon=raw_lexicon, resolution=resolution, words=words)
 
 
 def parse_svt_xml(
@@ -450,13 +466,8 @@ def parse_svt_xml(
                               strict=strict, strip_accents=strip_accents, issues=issues)
         if record is not None:
             images.append(record)
-    return SVTSplit(
-        name=name or Path(source).stem,
-        xml_path=Path(source),
-        root=root,
-        images=images,
-        issues=issues,
-    )
+    return SVTSplit(name=name or Path(source).stem, xml_path=Path(source), root=root, images=images,
+                    issues=issues)
 
 
 def load_svt(
@@ -499,10 +510,11 @@ def load_svt_splits(root: str | Path, **kwargs: bool) -> dict[str, SVTSplit]:
 # --------------------------------------------------------------------------------------------
 
 
-def crop_word(image: Image.Image, word: SVTWord, pad: float = 0.0) -> Image.Image:
+def crop_word(image: Image.Image, word: SVTWord, pad: float = 0.0, where: str | None = None) -> Image.Image:
     """Cut ``word``'s box out of ``image``, grown by ``pad`` × box height on every side.
 
     The box is clipped to the image, because real SVT boxes sometimes reach past its border.
+    ``where`` (the file and image, as :meth:`SVTImage.crops` gives it) starts the error message.
 
     Raises:
         SVTFormatError: the box lies entirely outside the image.
@@ -514,7 +526,7 @@ def crop_word(image: Image.Image, word: SVTWord, pad: float = 0.0) -> Image.Imag
            min(W, round(x2 + margin)), min(H, round(y2 + margin)))
     if box[2] <= box[0] or box[3] <= box[1]:
         raise SVTFormatError(
-            f"word {word.tag!r}: box {word.xyxy} lies outside the {W}x{H} image"
+            (f"{where}: " if where else "") + f"word {word.tag!r}: box {word.xyxy} lies outside the {W}x{H} image"
         )
     return image.crop(box)
 

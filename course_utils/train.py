@@ -50,6 +50,7 @@ from .checkpoints import (
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
+    optimizer_hparams,
     prune_checkpoints,
     save_checkpoint,
 )
@@ -151,6 +152,7 @@ def fit(
     num_workers: int = 0,
     mixed_precision: bool = False,
     track_dir: str | Path | None = None,
+    override_hparams: bool = False,
 ) -> History:
     """Train ``model`` for ``epochs`` epochs, checkpointing every epoch, and return its History.
 
@@ -204,6 +206,9 @@ def fit(
             metrics.  ``None`` (the default): no log.  Either way the history records, after
             every optimizer step, the process's CPU %, RSS and, on a GPU, its utilisation and
             memory (``history.resources``, Fig. 2.5; :meth:`History.plot_resources`).
+        override_hparams: on resume, an optimizer of another class or with other
+            hyper-parameters (``lr``, ``betas``, ...) than the checkpoint's raises
+            :class:`CheckpointError` listing them; ``True`` continues with the new ones (said).
 
     Returns:
         The run's :class:`History`, including epochs restored from a checkpoint.
@@ -232,8 +237,8 @@ def fit(
     keep = set(int(e) for e in keep_epochs) if keep_epochs is not None else None
     run_info = {"seed": int(seed), "batch_size": int(batch_size), "epochs": int(epochs)}
 
-    history, start_epoch = _start_or_resume(
-        model, optimizer, scheduler, ckpt_dir, resume, seed, batch_size, epochs, desc
+    history, start_epoch, hparams = _start_or_resume(
+        model, optimizer, scheduler, ckpt_dir, resume, seed, batch_size, epochs, desc, override_hparams
     )
     if start_epoch > epochs:
         return history
@@ -280,7 +285,8 @@ def fit(
                 if ckpt_dir is not None and distributed.is_main_process():
                     save_checkpoint(checkpoint_path(ckpt_dir, epoch), model=model, optimizer=optimizer,
                                     scheduler=scheduler, epoch=epoch, history=history,
-                                    extra={"fit": {**run_info, "world_size": distributed.world_size()}})
+                                    extra={"fit": {**run_info, "world_size": distributed.world_size(),
+                                                   "optimizer": hparams}})
                     prune_checkpoints(ckpt_dir, keep if keep is not None else set(range(1, epoch + 1)),
                                       latest=epoch)
                 distributed.barrier()  # every rank leaves the epoch once its checkpoint is on disk
@@ -307,19 +313,13 @@ def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torc
 
 
 def _start_or_resume(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any | None,
-    ckpt_dir: Path | None,
-    resume: bool,
-    seed: int,
-    batch_size: int,
-    epochs: int,
-    desc: str,
-) -> tuple[History, int]:
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None, ckpt_dir: Path | None,
+    resume: bool, seed: int, batch_size: int, epochs: int, desc: str, override_hparams: bool = False,
+) -> tuple[History, int, dict[str, Any]]:
     """Load the latest checkpoint (exact resume) or seed a fresh run.
 
-    Returns the history so far and the first epoch still to train (``> epochs`` when done).
+    Returns the history so far, the first epoch still to train (``> epochs`` when done) and the
+    optimizer record the checkpoints of this run hold (:func:`optimizer_hparams`).
     """
     if not resume and ckpt_dir is not None:
         # Stale files from an older run would be picked up by a later resume: remove them.
@@ -333,11 +333,13 @@ def _start_or_resume(
     existing = list_checkpoints(ckpt_dir) if resume else {}
     if not existing:
         seed_everything(seed, deterministic=False)
-        return History(), 1
+        return History(), 1, optimizer_hparams(optimizer)
 
     path = existing[max(existing)]
-    ckpt = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler,
-                           restore_rng=True)
+    ckpt = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=True,
+                           hparams="override" if override_hparams else "check")
+    for note in ckpt["hparam_notes"]:
+        _say(f"[{desc}] {path}: {note}")
     done = int(ckpt["epoch"])
     stored = (ckpt.get("extra") or {}).get("fit") or {}
     was = int(stored.get("world_size", 1))
@@ -355,9 +357,9 @@ def _start_or_resume(
         extra = f" (it holds {done} epochs, more than the {epochs} asked for)" if done > epochs else ""
         _say(f"[{desc}] already done: loaded {path}{extra}; returning its history without "
               f"training. Delete {ckpt_dir} or pass resume=False to train again.")
-        return history, epochs + 1
+        return history, epochs + 1, ckpt["optimizer_hparams"]
     _say(f"[{desc}] resumed from {path}: continuing at epoch {done + 1}/{epochs}")
-    return history, done + 1
+    return history, done + 1, ckpt["optimizer_hparams"]
 
 
 def _train_one_epoch(

@@ -90,14 +90,40 @@ def test_student_exception_is_reported_not_raised(capsys):
     assert "raised RuntimeError" in capsys.readouterr().out
 
 
-def test_grade_report_file_gets_one_json_line_per_check(tmp_path, monkeypatch):
-    report = tmp_path / "report.jsonl"
-    monkeypatch.setenv("COURSE_GRADE_REPORT", str(report))
-    nb01.check_anchor_grid(own(boxes.anchor_grid))
-    nb01.check_anchor_grid(lambda *a: (_ for _ in ()).throw(NotImplementedError()))
-    rows = [json.loads(line) for line in report.read_text().splitlines()]
-    assert [(r["exercise"], r["passed"], r["implemented"]) for r in rows] == [
-        ("1.2 anchor_grid", True, True), ("1.2 anchor_grid", False, False)]
+def test_a_replay_of_collected_outcomes_gives_the_live_verdict(monkeypatch):
+    """The grader's two runs: the child collects what the student's code returned, the grader
+    replays it without the code; the verdict and messages equal a live check's."""
+    def off_by_one(a, b):
+        return boxes.box_iou(a, b) + (a[:, :1] > 100).float()
+
+    wrong = own(off_by_one)
+    for fn in (own(boxes.box_iou), wrong, lambda a, b: (_ for _ in ()).throw(NotImplementedError())):
+        nb01.check_box_iou(fn)
+        live = checks.RESULTS["1.1 box_iou"]
+        with checks.collecting() as record:
+            nb01.check_box_iou(fn)
+        assert checks.RESULTS["1.1 box_iou"] == live
+        checks.RESULTS.clear()
+
+        def never(*a, **k):
+            raise AssertionError("replay must not call the student's code")
+
+        with checks.replaying(record):
+            chosen = nb01.check_box_iou(never)
+        assert checks.RESULTS["1.1 box_iou"] == live
+        assert (chosen is never) == live.passed
+    assert not checks.RESULTS["1.1 box_iou"].implemented
+
+
+def test_hidden_cases_never_show_what_the_exception_said():
+    def leaky(a, b):
+        raise ValueError(f"inputs were {a.tolist()}")
+
+    nb01.check_box_iou(own(leaky))
+    messages = checks.RESULTS["1.1 box_iou"].messages
+    assert any("case 'identical boxes': raised ValueError: inputs were" in m for m in messages)
+    hidden = [m for m in messages if m.startswith("a hidden case")]
+    assert hidden and all("inputs were" not in m and "ValueError" in m for m in hidden)
 
 
 def test_compare_messages():

@@ -3,7 +3,9 @@
 Notebook 01 submissions are made in the test from ``solutions/01_*.ipynb`` (solved) and its
 student version (built in memory by ``nbbuild``) plus a small edit each, rather than committing
 seven copies that would go stale.  A mini two-exercise notebook in ``tests/fixtures/grading``
-covers the fast paths (resume, per-cell timeouts, the CLI) in a few seconds each.
+covers the fast paths (resume, per-cell timeouts, the CLI) in a few seconds each.  The hostile
+submissions (self-awarded marks, patched checks, wrapped references, tampering, escaping processes,
+killing the worker, deleting its folder, exit()) are described in ``fixtures/grading/attacks.py``.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import shutil
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from course_tools import grade
+from course_tools import grade, sandbox
 from course_tools.grade import GradeError, grade_folder, parse_check_names
 from course_tools.nbbuild import canonical_solution, dumps, make_student
 
@@ -24,6 +29,14 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "grading"
 MINI = FIXTURES / "99_mini_solution.ipynb"
 MINI_EXERCISES = ["add", "mul"]
+MINI_CHECKS = "tests.fixtures.grading.mini_checks"
+MINI_KW = dict(notebook="99", solution=MINI, checks_module=MINI_CHECKS)
+HEADER_END = ["total", "max", "seconds", "integrity", "isolation", "feedback-file"]
+sys.path.insert(0, str(FIXTURES))
+from attacks import ATTACKS  # noqa: E402
+
+needs_sandbox = pytest.mark.skipif(sandbox.detect() != "bwrap",
+                                   reason="bubblewrap is not installed (make installs it)")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -102,7 +115,8 @@ def make_nb01_submissions(folder: Path) -> dict[str, dict]:
     at = find_cell(broken, "from course_utils import")
     broken.cells[at].source = "import course_utils_no_such_module\n" + broken.cells[at].source
     write(broken, folder / "raises_at_import.ipynb")
-    expected["raises_at_import"] = {"status": "error", "scores": [0] * n,
+    # The scores come from the student's definitions, which need no such module.
+    expected["raises_at_import"] = {"status": "error", "scores": [1] * n,
                                     "feedback": ["ModuleNotFoundError", "course_utils_no_such_module"]}
 
     shutil.copyfile(FIXTURES / "not_valid_json.ipynb", folder / "not_json.ipynb")
@@ -121,16 +135,38 @@ def make_nb01_submissions(folder: Path) -> dict[str, dict]:
     expected["reordered_deleted"] = {"status": "error", "scores": [1, 0] + [1] * (n - 2),
                                      "feedback": ["NameError", "anchor_grid"]}
 
-    # The exercise function renamed: its check cell cannot find box_iou, and the solution's
-    # label_anchors (which calls box_iou) then fails its check too.
+    # The exercise function renamed: 1.1 finds no box_iou; label_anchors (which calls box_iou)
+    # is then checked with the reference box_iou, as the notebook's check cells would hand over.
     renamed = nbformat.from_dict(solution)
     at = find_cell(renamed, "def box_iou(")
     renamed.cells[at].source = renamed.cells[at].source.replace("def box_iou(", "def my_box_iou(")
-    label_uses_iou = "box_iou(" in renamed.cells[find_cell(renamed, "def label_anchors")].source
     write(renamed, folder / "renamed_function.ipynb")
-    expected["renamed_function"] = {
-        "status": "error", "scores": [0, 1, 0 if label_uses_iou else 1] + [1] * (n - 3),
-        "feedback": ["NameError: name 'box_iou' is not defined"]}
+    expected["renamed_function"] = {"status": "error", "scores": [0] + [1] * (n - 1),
+                                    "feedback": ["name 'box_iou' is not defined"]}
+
+    # Odd file names: a formula, an upper-case suffix, a case collision (invalid notebooks, fast).
+    bad = (FIXTURES / "not_valid_json.ipynb").read_bytes()
+    for name in ("=2+3.ipynb", "Carol.IPYNB", "Alice.ipynb", "alice.ipynb"):
+        (folder / name).write_bytes(bad)
+        expected[name[:-6]] = {"status": "invalid", "scores": [0] * n, "feedback": ["not valid JSON"]}
+    (folder / "dave.ipynb.txt").write_bytes(bad)
+    return expected
+
+
+def make_attacks(folder: Path, solution: nbformat.NotebookNode, student: nbformat.NotebookNode,
+                 marker: str) -> dict[str, dict]:
+    """One submission per entry of ``fixtures/grading/attacks.py``; what to expect of each."""
+    expected = {}
+    for name, attack in ATTACKS.items():
+        nb = nbformat.from_dict(solution if attack["base"] == "solution" else student)
+        for key, source in attack.get("replace", {}).items():
+            nb.cells[find_cell(nb, key)].source = source
+        if attack.get("cells"):
+            at = find_cell(nb, attack["after"] or "import ")
+            for k, source in enumerate(attack["cells"]):
+                nb.cells.insert(at + 1 + k, nbformat.v4.new_code_cell(source.replace("{marker}", marker)))
+        write(nb, folder / f"{name}.ipynb")
+        expected[name] = {**attack["expected"], "feedback": attack["feedback"]}
     return expected
 
 
@@ -143,31 +179,41 @@ def nb01_graded(tmp_path_factory: pytest.TempPathFactory):
         exercises = grade.exercise_ids("01")
     except GradeError as exc:
         pytest.skip(str(exc))
+    if sandbox.detect() != "bwrap":
+        pytest.skip("bubblewrap is not installed (make installs it)")
     root = tmp_path_factory.mktemp("nb01")
     subs = root / "submissions"
     subs.mkdir()
     expected = make_nb01_submissions(subs)
+    path = _nb01_solution()
+    solution = canonical_solution(nbformat.read(path, as_version=4), path.name)
+    marker = f"attack{uuid.uuid4().hex[:10]}"
+    expected.update(make_attacks(subs, solution, make_student(solution, path.name), marker))
     before = fingerprint(subs)
     out = root / "out" / "grades.csv"
     # Three at a time on two cores: the endless one sleeps through its 60 s cell limit while the
-    # others share the cores.  The limits leave room for a busy machine (notebook 01 takes ~20 s).
+    # others share the cores.  The limits leave room for a busy machine.
     rows = grade_folder(subs, notebook="01", out=out, timeout_cell=60, timeout_total=300, jobs=3,
                         quiet=True)
+    leftovers = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True).stdout
+    planted = [str(p) for p in Path("/tmp").glob(f"*/**/planted_{marker}*")]
     return {"expected": expected, "exercises": exercises, "out": out, "rows": rows,
-            "before": before, "after": fingerprint(subs), "subs": subs}
+            "before": before, "after": fingerprint(subs), "subs": subs, "marker": marker,
+            "leftovers": leftovers, "planted": planted, "root": root}
 
 
 @pytest.mark.slow
 def test_every_nb01_submission_gets_its_expected_row(nb01_graded) -> None:
     header, rows = read_csv(nb01_graded["out"])
     exercises = nb01_graded["exercises"]
-    assert header == ["student", "notebook", "status", *exercises, "total", "max", "seconds",
-                      "feedback-file"]
-    assert sorted(rows) == sorted(nb01_graded["expected"])  # no submission stopped the others
-    for student, want in nb01_graded["expected"].items():
+    assert header == ["student", "notebook", "status", *exercises, *HEADER_END]
+    expected = {("'" + s if s.startswith("=") else s): w for s, w in nb01_graded["expected"].items()}
+    assert sorted(rows) == sorted(expected)  # no submission stopped the others
+    for student, want in expected.items():
         row = rows[student]
         got = (row["status"], scores(row, exercises))
         assert got == (want["status"], want["scores"]), f"{student}: {row}"
+        assert (row["integrity"], row["isolation"]) == ("ok", "bwrap")
         assert row["notebook"] == "01"
         assert int(row["total"]) == sum(want["scores"]) and int(row["max"]) == len(exercises)
         assert float(row["seconds"]) >= 0
@@ -178,7 +224,7 @@ def test_nb01_feedback_files(nb01_graded) -> None:
     out: Path = nb01_graded["out"]
     _, rows = read_csv(out)
     for student, want in nb01_graded["expected"].items():
-        text = (out.parent / rows[student]["feedback-file"]).read_text()
+        text = (out.parent / rows["'" + student if student.startswith("=") else student]["feedback-file"]).read_text()
         assert text.startswith(f"Notebook 01, submission '{student}'")
         for fragment in want["feedback"]:
             assert fragment in text, f"{student}: {fragment!r} not in feedback:\n{text}"
@@ -190,6 +236,34 @@ def test_nb01_feedback_files(nb01_graded) -> None:
 def test_nb01_submissions_are_never_modified(nb01_graded) -> None:
     assert nb01_graded["after"] == nb01_graded["before"]
     assert sorted(p.name for p in nb01_graded["subs"].iterdir()) == sorted(nb01_graded["before"])
+
+
+@pytest.mark.slow
+def test_report_lines_written_by_student_code_earn_nothing(nb01_graded) -> None:
+    """A cell that appends "passed" lines to every report file it can find gets 0/5."""
+    row = next(r for r in nb01_graded["rows"] if r.student == "self_awarded")
+    assert (row.status, row.total) == ("ok", 0)
+
+
+@pytest.mark.slow
+def test_no_attack_reaches_outside_its_sandbox(nb01_graded) -> None:
+    out: Path = nb01_graded["out"]
+    marker = nb01_graded["marker"]
+    assert nb01_graded["leftovers"] == ""  # no process outlived its grading
+    assert nb01_graded["planted"] == []    # no file planted anywhere under /tmp
+    for path in [out, *out.parent.rglob("*.txt")]:
+        assert marker not in path.read_text(), f"{path} was rewritten by a submission"
+    assert not list(nb01_graded["root"].rglob(f"planted_{marker}*"))
+
+
+@pytest.mark.slow
+def test_files_that_are_not_graded_are_listed_with_a_reason(nb01_graded) -> None:
+    out: Path = nb01_graded["out"]
+    text = (out.parent / "grades-not-graded.txt").read_text()
+    assert "not graded: dave.ipynb.txt: an .ipynb file saved with another extension" in text
+    assert "Alice.ipynb and alice.ipynb differ only in case" in text
+    names = {r["feedback-file"].lower() for r in read_csv(out)[1].values()}
+    assert len(names) == len(read_csv(out)[1])  # feedback files distinct even ignoring case
 
 
 @pytest.mark.slow
@@ -235,8 +309,7 @@ def test_mini_rows_and_resume(tmp_path: Path) -> None:
     first.mkdir()
     for name in ("a_solved.ipynb", "b_untouched.ipynb"):
         shutil.copy2(subs / name, first / name)
-    kw = dict(notebook="99", exercises=MINI_EXERCISES, timeout_cell=15, timeout_total=120,
-              quiet=True)
+    kw = dict(**MINI_KW, timeout_cell=15, timeout_total=120, quiet=True)
     grade_folder(first, out=out, feedback_dir=tmp_path / "fb", **kw)
     text_after_first = out.read_text()
     # --resume grades only the two others and keeps the first rows byte for byte.
@@ -244,8 +317,7 @@ def test_mini_rows_and_resume(tmp_path: Path) -> None:
     assert sorted(r.student for r in rows) == ["c_half", "d_loop"]
     assert out.read_text().startswith(text_after_first)
     header, table = read_csv(out)
-    assert header == ["student", "notebook", "status", "add", "mul", "total", "max", "seconds",
-                      "feedback-file"]
+    assert header == ["student", "notebook", "status", "add", "mul", *HEADER_END]
     got = {s: (r["status"], scores(r, MINI_EXERCISES)) for s, r in table.items()}
     assert got == MINI_EXPECTED
     assert table["c_half"]["feedback-file"] == "fb/c_half.txt"
@@ -267,11 +339,12 @@ def test_unstoppable_loop_is_killed_at_the_notebook_limit(tmp_path: Path) -> Non
         "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    time.sleep(0.1)"))
     path = tmp_path / "stubborn.ipynb"
     write(nb, path)
-    row = grade.grade_submission(path, notebook="99", exercises=MINI_EXERCISES, timeout_cell=10,
-                                 timeout_total=25)
-    assert (row.status, row.scores) == ("timeout", {"add": 1, "mul": 0})
+    setup = grade.prepare(**MINI_KW, timeout_cell=10, timeout_total=25, isolation=sandbox.detect())
+    row = grade.grade_submission(path, setup)
+    # the scores come from the definitions, which the grader loads whether or not the run got there
+    assert (row.status, row.scores) == ("timeout", {"add": 1, "mul": 1})
     assert 25 <= row.seconds < 60
-    assert "notebook ran longer than 25" in row.feedback and "[ ] mul: its check did not run" in row.feedback
+    assert "notebook ran longer than 25" in row.feedback
 
 
 def test_without_resume_the_csv_starts_afresh(tmp_path: Path) -> None:
@@ -280,12 +353,12 @@ def test_without_resume_the_csv_starts_afresh(tmp_path: Path) -> None:
     shutil.copyfile(FIXTURES / "not_valid_json.ipynb", subs / "x.ipynb")
     out = tmp_path / "g.csv"
     out.write_text("old,content\n")
-    rows = grade_folder(subs, notebook="99", exercises=MINI_EXERCISES, out=out, quiet=True)
+    rows = grade_folder(subs, **MINI_KW, out=out, quiet=True)
     assert [(r.student, r.status, r.total) for r in rows] == [("x", "invalid", 0)]
     assert out.read_text().splitlines()[0].startswith("student,notebook,status,add,mul")
     # Resuming into a CSV of another grading is refused rather than mixing columns.
     with pytest.raises(GradeError, match="columns"):
-        grade_folder(subs, notebook="99", exercises=["other"], out=out, resume=True, quiet=True)
+        grade_folder(subs, **MINI_KW, exercises=["other"], out=out, resume=True, quiet=True)
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -294,18 +367,17 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write(nbformat.read(MINI, as_version=4), subs / "s.ipynb")
     shutil.copyfile(FIXTURES / "not_valid_json.ipynb", subs / "t.ipynb")
     out = tmp_path / "g.csv"
-    assert grade.main([str(subs), "--notebook", "99", "--out", str(out), "--exercises", "add,mul"]) == 0
+    cli = ["--notebook", "99", "--out", str(out), "--solution", str(MINI), "--checks", MINI_CHECKS]
+    assert grade.main([str(subs), *cli]) == 0
     assert "graded 2 submissions" in capsys.readouterr().out
     _, table = read_csv(out)
     assert {s: (r["status"], r["total"]) for s, r in table.items()} == {"s": ("ok", "2"),
                                                                          "t": ("invalid", "0")}
     assert (tmp_path / "g-feedback" / "t.txt").exists()
-    # Notebook 99 has no checks module and the mini notebook no `checks.nb99.check_*` cells:
-    # without --exercises the CLI says so clearly instead of grading against nothing.
+    # Notebook 99 has no course checks module: without --checks the CLI says so clearly.
     assert grade.main([str(subs), "--notebook", "99", "--out", str(out), "--solution", str(MINI)]) == 2
-    assert "no check cells" in capsys.readouterr().err
-    assert grade.main([str(tmp_path / "missing"), "--notebook", "99", "--out", str(out),
-                       "--exercises", "add"]) == 2
+    assert "no checks module course_utils.checks.nb99" in capsys.readouterr().err
+    assert grade.main([str(tmp_path / "missing"), *cli]) == 2
     assert "not a folder" in capsys.readouterr().err
 
 
@@ -319,25 +391,68 @@ def test_exercise_ids_from_check_cells() -> None:
     assert parse_check_names(nb) == ["box_iou", "box_coding"]
 
 
-def test_scoring_only_counts_the_students_own_pass() -> None:
-    records = [
-        {"exercise": "add", "implemented": True, "passed": False, "n_cases": 2, "n_failed": 1,
-         "messages": ["case '1 + 2': expected 3, got 4"]},       # fell back to the reference
-        {"exercise": "mul", "implemented": False, "passed": False, "n_cases": 2, "n_failed": 2,
-         "messages": ["not implemented yet"]},
-        {"exercise": "unknown", "passed": True},                  # not an exercise of this notebook
-    ]
-    points, _ = grade.score(["add", "mul", "div"], records)
-    assert points == {"add": 0, "mul": 0, "div": 0}
-    points, _ = grade.score(["add"], records + [{"exercise": "add", "passed": True, "n_cases": 2}])
-    assert points == {"add": 1}
+def test_csv_cells_never_start_a_formula() -> None:
+    for cell, safe in [("=2+3", "'=2+3"), ("+1", "'+1"), ("-x", "'-x"), ("@SUM(A1)", "'@SUM(A1)"),
+                       ("alice", "alice"), ("3.5", "3.5")]:
+        assert grade.csv_safe(cell) == safe
+        assert grade._csv_unsafe(grade.csv_safe(cell)) == cell
 
 
-def test_report_lines_written_by_student_code_are_ignored(tmp_path: Path) -> None:
-    report = tmp_path / "r.jsonl"
-    report.write_text('{"exercise": "add", "passed": true}\nnot json\n[1, 2]\n{"no": "id"}\n')
-    assert grade.read_report(report) == [{"exercise": "add", "passed": True}]
-    assert grade.read_report(tmp_path / "missing.jsonl") == []
+def test_a_dying_worker_costs_only_its_own_row(tmp_path: Path) -> None:
+    """Without a sandbox a cell can kill the process that grades it: only that row is lost."""
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    write(nbformat.read(MINI, as_version=4), subs / "a.ipynb")
+    killer = nbformat.read(MINI, as_version=4)
+    killer.cells.insert(2, nbformat.v4.new_code_cell("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)"))
+    write(killer, subs / "b.ipynb")
+    write(nbformat.read(MINI, as_version=4), subs / "c.ipynb")
+    rows = grade_folder(subs, **MINI_KW, out=tmp_path / "g.csv", jobs=2, isolation="none", quiet=True)
+    assert {r.student: (r.status, r.total, r.isolation) for r in rows} == {
+        "a": ("ok", 2, "none"), "b": ("crashed", 0, "none"), "c": ("ok", 2, "none")}
+    assert "grading process died" in next(r for r in rows if r.student == "b").feedback
+
+
+def test_without_a_sandbox_the_grader_refuses_unless_told(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sandbox, "detect", lambda: "none")
+    (tmp_path / "subs").mkdir()
+    with pytest.raises(GradeError, match="--no-sandbox"):
+        grade_folder(tmp_path / "subs", **MINI_KW, out=tmp_path / "g.csv", quiet=True)
+    assert grade_folder(tmp_path / "subs", **MINI_KW, out=tmp_path / "g.csv", quiet=True,
+                        isolation="none") == []
+
+
+@needs_sandbox
+def test_the_sandbox_allows_only_its_own_folder(tmp_path: Path) -> None:
+    secret = tmp_path / "hidden"
+    secret.mkdir()
+    (secret / "other.ipynb").write_text("classmate")
+    work = tmp_path / "work"
+    work.mkdir()
+    sandbox.prepare_work(work)
+    probe = f"""
+import os, socket
+print("uid", os.getuid())
+print("secret", os.listdir({str(secret)!r}))
+for path in [{str(REPO / "x")!r}, "/tmp/x", {str(work / "mine.txt")!r}]:
+    try:
+        open(path, "w").write("x"); print("wrote", path)
+    except OSError as e:
+        print("refused", path)
+try:
+    socket.create_connection(("127.0.0.1", 22), timeout=2); print("net yes")
+except OSError:
+    print("net no")
+print("processes", sorted(int(p) for p in os.listdir("/proc") if p.isdigit())[:3])
+"""
+    cmd = sandbox.command([sys.executable, "-c", probe], isolation="bwrap", work=work, hide=[secret])
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=work,
+                         env=sandbox.minimal_env(work)).stdout
+    assert "secret []" in out and "net no" in out
+    assert f"refused {REPO / 'x'}" in out and "refused /tmp/x" in out and f"wrote {work / 'mine.txt'}" in out
+    assert "processes [1, 2" in out  # its own PID namespace
+    if sandbox._running_as_root():
+        assert f"uid {sandbox.NOBODY}" in out
 
 
 # --------------------------------------------------------------------------- the runner (nbrun)
@@ -387,8 +502,20 @@ def test_a_crashing_kernel_is_reported_with_its_last_words(tmp_path: Path) -> No
     ])
     path = tmp_path / "crash.ipynb"
     write(nb, path)
-    row = grade.grade_submission(path, notebook="99", exercises=["add"], timeout_cell=60,
-                                 timeout_total=120)
+    setup = grade.prepare(**MINI_KW, exercises=["add"], isolation=sandbox.detect())
+    row = grade.grade_submission(path, setup)
     assert (row.status, row.scores) == ("error", {"add": 0})
     assert "the kernel died while running cell 1" in row.feedback
     assert "fatal: out of cheese" in row.feedback
+
+
+def test_exit_is_blamed_on_the_cell_that_called_it(tmp_path: Path) -> None:
+    from course_tools.nbrun import run_notebook
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"),
+                                         nbformat.v4.new_code_cell("exit()"),
+                                         nbformat.v4.new_code_cell("x = 2"),
+                                         nbformat.v4.new_code_cell("x = 3")])
+    write(nb, tmp_path / "e.ipynb")
+    result = run_notebook(tmp_path / "e.ipynb", timeout_cell=30, timeout_total=60, allow_errors=True)
+    assert result.error is not None and result.error.startswith("cell 1 called exit()")

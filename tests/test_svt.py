@@ -242,7 +242,7 @@ def test_unreadable_image(tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "img/00_01.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "test.xml").write_text(_tagset(_image_xml()))
-    split = load_svt(tmp_path, "test")  # resolution is in the XML: the header is not read
+    split = load_svt(tmp_path, "test")  # resolution is in the XML: an unreadable header is left to load()
     with pytest.raises(SVTFormatError, match=r"image #0 \(img/00_01\.jpg\): .* is not a readable image"):
         split[0].load()
 

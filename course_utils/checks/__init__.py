@@ -10,25 +10,30 @@ shape, dtype, expected vs got).  It returns the student's function when every ca
 reference implementation otherwise, so that an unfinished exercise never blocks the rest of the
 notebook.
 
-Hidden cases run too but never print their values, so copying printed expectations does not
-pass.  Each outcome is recorded in :data:`RESULTS`; when ``$COURSE_GRADE_REPORT`` names a file
-each outcome is also appended to it as one JSON line, which is how the grader reads a notebook.
+Hidden cases run too but never print their values (nor the messages of the exceptions they
+raise), so copying printed expectations does not pass.  Each outcome is recorded in
+:data:`RESULTS`, for the notebook's summary only: the grader never reads anything a notebook
+wrote.  It runs the same check functions twice instead (see :mod:`course_tools.grade`): once in a
+sandboxed child that holds the student's definitions, where :func:`collecting` records what the
+student's code returned for every case, and once in the grader, where :func:`replaying` hands
+those outputs to the comparison with the reference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["Case", "CheckResult", "RESULTS", "compare", "run_exercise", "summary"]
+__all__ = ["Case", "CheckResult", "Outcome", "RESULTS", "collecting", "compare", "replaying",
+           "run_exercise", "summary"]
 
 
 @dataclass
@@ -61,7 +66,20 @@ class CheckResult:
 RESULTS: dict[str, CheckResult] = {}
 
 
+class Opaque:
+    """Stands for a returned object that is not data (tensors, numbers, strings and containers of
+    them), e.g. a module or a NumPy array, when it crosses from the grader's child to the grader."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+    def __repr__(self) -> str:
+        return f"<{self.type_name} object>"
+
+
 def _describe(x: Any) -> str:
+    if isinstance(x, Opaque):
+        return x.type_name
     if isinstance(x, torch.Tensor):
         return f"tensor(shape={tuple(x.shape)}, dtype={x.dtype})"
     if isinstance(x, np.ndarray):
@@ -141,10 +159,81 @@ def hide_values(cmp: Callable[[Any, Any], str | None]) -> Callable[[Any, Any], s
 
 def _report(result: CheckResult) -> None:
     RESULTS[result.exercise] = result
-    target = os.environ.get("COURSE_GRADE_REPORT")
-    if target:
-        with open(target, "a", encoding="utf-8") as f:
-            f.write(result.to_json() + "\n")
+
+
+# --------------------------------------------------------------------------- where outputs come from
+
+
+@dataclass
+class Outcome:
+    """What the student's code did on one case: returned ``value``, or raised.
+
+    ``kind`` is ``"returned"``, ``"raised"`` (``error`` is the exception's type name, ``message``
+    its text, ``line`` the line in the student's code) or ``"not_implemented"``.
+    """
+
+    kind: str
+    value: Any = None
+    error: str = ""
+    message: str = ""
+    line: int | None = None
+
+
+# None: run the student's code here.  ("collect", {exercise: [Outcome]}): run it and record.
+# ("replay", {exercise: [Outcome]}): do not run it; take the recorded outcomes.
+_MODE: tuple[str, dict[str, list[Outcome]]] | None = None
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[dict[str, list[Outcome]]]:
+    """Record the student's outcomes of every case of every check run inside (the grader's child)."""
+    global _MODE
+    saved, record = _MODE, {}
+    _MODE = ("collect", record)
+    try:
+        yield record
+    finally:
+        _MODE = saved
+
+
+@contextlib.contextmanager
+def replaying(outcomes: dict[str, list[Outcome]]) -> Iterator[None]:
+    """Checks inside compare recorded outcomes with the reference instead of calling the student's
+    code (the grader's own process, which runs no student code)."""
+    global _MODE
+    saved = _MODE
+    _MODE = ("replay", outcomes)
+    try:
+        yield
+    finally:
+        _MODE = saved
+
+
+def _outcome(student: Callable, case: Case) -> Outcome:
+    try:
+        return Outcome("returned", student(*_clone(case.args), **_clone(case.kwargs)))
+    except NotImplementedError:
+        return Outcome("not_implemented")
+    except Exception as exc:  # a student's bug: report it, never crash the notebook
+        tb = traceback.extract_tb(exc.__traceback__)
+        return Outcome("raised", error=type(exc).__name__, message=str(exc),
+                       line=tb[-1].lineno if tb else None)
+
+
+def _student_outcomes(exercise: str, student: Callable, cases: Sequence[Case]) -> Iterator[Outcome]:
+    """The student's outcome of each case, computed, recorded or replayed as the mode says."""
+    if _MODE is not None and _MODE[0] == "replay":
+        recorded = _MODE[1].get(exercise, [])
+        for i in range(len(cases)):
+            yield recorded[i] if i < len(recorded) else Outcome(
+                "raised", error="NoOutput", message="the grader got no output for this case")
+        return
+    record = _MODE[1].setdefault(exercise, []) if _MODE is not None else None
+    for case in cases:
+        outcome = _outcome(student, case)
+        if record is not None:
+            record.append(outcome)
+        yield outcome
 
 
 def is_package_code(fn: Any) -> bool:
@@ -179,24 +268,28 @@ def run_exercise(exercise: str, student: Callable, reference: Callable, cases: S
     n_failed = 0
     implemented = True
     all_cases = [(c, False) for c in cases] + [(c, True) for c in hidden]
+    outcomes = _student_outcomes(exercise, student, [c for c, _ in all_cases])
     for case, is_hidden in all_cases:
         label = "a hidden case" if is_hidden else f"case '{case.name}'"
         expected = case.expected
         if expected is None:
+            # before the student's call, as always: a reference that draws from the global RNG
+            # leaves the student's code the same RNG state in the notebook, the child and here
             expected = reference(*case.args, **case.kwargs)
-        try:
-            got = student(*_clone(case.args), **_clone(case.kwargs))
-        except NotImplementedError:
+        outcome = next(outcomes)
+        if outcome.kind == "not_implemented":
             implemented = False
             n_failed = len(all_cases)
             messages = ["not implemented yet"]
             break
-        except Exception as exc:  # a student's bug: report it, never crash the notebook
+        if outcome.kind == "raised":
             n_failed += 1
-            tb = traceback.extract_tb(exc.__traceback__)
-            line = f" (line {tb[-1].lineno})" if tb else ""
-            messages.append(f"{label}: raised {type(exc).__name__}: {exc}{line}")
+            line = f" (line {outcome.line})" if outcome.line else ""
+            # a hidden case's exception text could carry its inputs: only the type and the line
+            text = "" if is_hidden or not outcome.message else f": {outcome.message}"
+            messages.append(f"{label}: raised {outcome.error}{text}{line}")
             continue
+        got = outcome.value
         cmp = case.compare or (lambda g, e, hide=is_hidden: compare(g, e, atol=atol, rtol=rtol,
                                                                     show_values=not hide))
         msg = cmp(got, expected)
@@ -205,7 +298,7 @@ def run_exercise(exercise: str, student: Callable, reference: Callable, cases: S
             messages.append(f"{label}: {msg}")
     passed = implemented and n_failed == 0
     _report(CheckResult(exercise, implemented, passed, len(all_cases), n_failed, messages))
-    if verbose:
+    if verbose and _MODE is None:  # the grader's two runs print nothing
         _print_outcome(exercise, implemented, passed, len(all_cases), messages, reference)
     return student if passed else reference
 

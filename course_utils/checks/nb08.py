@@ -91,19 +91,40 @@ def _bound(w: torch.Tensor, scheme: str) -> float:
 
 
 def _run_init(fn: Callable, scheme: str, seed: int) -> dict:
-    """Apply ``fn`` to fresh toy layers; report weights and whether the global RNG was touched."""
+    """Apply ``fn`` twice to fresh toy layers with the same seed; report the weights of both runs
+    (state dicts: data, so that the grader compares what a sandboxed run returned) and whether
+    the first run touched the global RNG."""
     layers = _toy_layers()
     state = torch.get_rng_state()
     fn(layers, scheme, torch.Generator().manual_seed(seed))
     touched = not torch.equal(state, torch.get_rng_state())
-    return {"layers": layers, "touched_global_rng": touched}
+    again = _toy_layers()
+    fn(again, scheme, torch.Generator().manual_seed(seed))
+    return {"weights": [m.state_dict() for m in layers], "again": [m.state_dict() for m in again],
+            "touched_global_rng": touched}
 
 
-def _init_rule(fn: Callable, scheme: str, seed: int) -> Callable[[dict, dict], str | None]:
+def _loaded_layers(weights: object) -> list[nn.Module]:
+    """Fresh toy layers holding ``weights`` (one state dict per layer)."""
+    layers = _toy_layers()
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(layers):
+        raise ValueError(f"expected {len(layers)} state dicts")
+    for m, sd in zip(layers, weights):
+        m.load_state_dict(sd)
+    return layers
+
+
+def _init_rule(scheme: str, seed: int) -> Callable[[dict, dict], str | None]:
     def rule(got: dict, _expected: dict) -> str | None:
+        if not isinstance(got, dict) or set(got) != {"weights", "again", "touched_global_rng"}:
+            return "the initialised layers could not be read back"
         if got["touched_global_rng"]:
             return "drew from the global RNG: pass generator= to nn.init (reproducibility, §3.2)"
-        for i, root in enumerate(got["layers"]):
+        try:
+            layers, again = _loaded_layers(got["weights"]), _loaded_layers(got["again"])
+        except (ValueError, RuntimeError, TypeError) as exc:
+            return f"the initialised layers have other parameters than the toy layers: {exc}"
+        for i, root in enumerate(layers):
             for name, m in root.named_modules():
                 where = f"layer {i}{'.' + name if name else ''}"
                 weights = []
@@ -127,8 +148,7 @@ def _init_rule(fn: Callable, scheme: str, seed: int) -> Callable[[dict, dict], s
                     if top < 0.8 * b or float(w.std()) < 0.45 * b:
                         return (f"{where}.{pname}: values look too small for U(-{b:.4f}, {b:.4f}) "
                                 f"(max |w| {top:.4f}, std {float(w.std()):.4f}, expected std ≈ {b / math.sqrt(3):.4f})")
-        again = _run_init(fn, scheme, seed)
-        for a, b_ in zip(got["layers"], again["layers"]):
+        for a, b_ in zip(layers, again):
             for (n, p), (_, q) in zip(a.named_parameters(), b_.named_parameters()):
                 if not torch.equal(p, q):
                     return f"{n}: two runs with the same seed gave different weights (not deterministic)"
@@ -138,10 +158,10 @@ def _init_rule(fn: Callable, scheme: str, seed: int) -> Callable[[dict, dict], s
 
 def check_init_new_layers(fn: Callable) -> Callable:
     """Exercise 8.3: ``init_new_layers_(modules, scheme, generator)`` initialises in place (§3.2)."""
-    cases = [Case(f"{scheme} uniform, seed {seed}", (scheme, seed), compare=_init_rule(fn, scheme, seed))
+    cases = [Case(f"{scheme} uniform, seed {seed}", (scheme, seed), compare=_init_rule(scheme, seed))
              for scheme, seed in (("xavier", 0), ("kaiming", 1))]
-    hidden = [Case("h", ("xavier", 7), compare=_init_rule(fn, "xavier", 7)),
-              Case("h", ("kaiming", 11), compare=_init_rule(fn, "kaiming", 11))]
+    hidden = [Case("h", ("xavier", 7), compare=_init_rule("xavier", 7)),
+              Case("h", ("kaiming", 11), compare=_init_rule("kaiming", 11))]
     student = lambda scheme, seed: _run_init(fn, scheme, seed)  # noqa: E731
     reference = lambda scheme, seed: _run_init(ref.init_new_layers_, scheme, seed)  # noqa: E731
     reference.__module__, reference.__qualname__ = ref.__name__, "init_new_layers_"

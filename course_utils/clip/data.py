@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,10 @@ def _extract_svt(zip_path: Path) -> Path:
 
     The marker file records which archive (name, size, modification time) was unpacked, so a
     re-downloaded archive is unpacked afresh instead of reusing an older extraction.
+
+    Raises:
+        registry.ChecksumError: the archive cannot be unpacked (truncated, or a member's data
+            is corrupt: its CRC is checked while unpacking); the message names the archive.
     """
     out = zip_path.parent / "svt"
     marker = out / ".extracted"
@@ -54,8 +59,16 @@ def _extract_svt(zip_path: Path) -> Path:
     stamp = f"{zip_path.name} {stat.st_size} {stat.st_mtime_ns}"
     if not marker.is_file() or marker.read_text() != stamp:
         shutil.rmtree(out, ignore_errors=True)
-        with zipfile.ZipFile(zip_path) as zf:
-            zf.extractall(out)
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                zf.extractall(out)
+        except (zipfile.BadZipFile, EOFError, zlib.error) as err:
+            shutil.rmtree(out, ignore_errors=True)  # half an extraction must never be read
+            raise registry.ChecksumError(
+                f"{zip_path}: the SVT archive cannot be unpacked ({type(err).__name__}: {err}); it is "
+                "probably truncated or corrupt. Delete it so that it is downloaded again.",
+                reason=f"the archive {zip_path} cannot be unpacked ({type(err).__name__}: {err})",
+            ) from None
         marker.write_text(stamp)
     hits = sorted(out.rglob("train.xml"))
     if not hits:
@@ -76,6 +89,8 @@ def load_svt_data(svt_cfg: dict, *, allow_download: bool = False, verbose: bool 
 
     Returns:
         an :class:`SVTData`; the first ``n_train`` / ``n_test`` images of each split are kept.
+        An archive that passes the registry's checks but cannot be unpacked falls back to
+        SynthSVT too, the reason printed.
     """
     zip_path: Path | None = None
     reason = ""
@@ -91,9 +106,13 @@ def load_svt_data(svt_cfg: dict, *, allow_download: bool = False, verbose: bool 
         reason = "" if zip_path else (f"the cached copy at {cached} is corrupt" if cached.is_file()
                                       else f"not in the cache at {cached}")
     if zip_path is not None:
-        root, real = _extract_svt(zip_path), True
-        source = f"data: real SVT from {zip_path}"
-    else:
+        try:
+            root, real = _extract_svt(zip_path), True
+            source = f"data: real SVT from {zip_path}"
+        except registry.ChecksumError as err:
+            zip_path, reason = None, err.reason
+            print(f"[svt] {err} Using SynthSVT instead.")
+    if zip_path is None:
         root = run_dir("synthsvt", {k: svt_cfg[k] for k in SYNTHSVT_KNOBS})
         make_synthsvt_for_profile(root, svt_cfg)
         real = False

@@ -36,6 +36,7 @@ from open_clip.pretrained import get_pretrained_cfg
 from PIL import Image
 
 from .. import registry
+from ..checkpoints import CheckpointError, load_model_state, reject_lfs_pointer
 from .small import (
     SMALL_CLIP_DIR,
     SMALL_CLIP_WEIGHTS,
@@ -137,7 +138,8 @@ def encode_texts(bundle: ClipBundle, texts: Sequence[str], batch_size: int = 256
 
 
 def _load_small(weights_dir: Path, device: torch.device) -> ClipBundle:
-    """The shipped small CLIP; ``FileNotFoundError`` naming the file when it is missing."""
+    """The shipped small CLIP; ``FileNotFoundError`` naming the file when it is missing,
+    :class:`CheckpointError` naming it when it is a git-LFS pointer, truncated or of another config."""
     path = weights_dir / SMALL_CLIP_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(
@@ -145,7 +147,7 @@ def _load_small(weights_dir: Path, device: torch.device) -> ClipBundle:
             "`python tools/pretrain_small_clip.py` (see data/small_clip/manifest.json)"
         )
     model = build_small_clip(zero_token_embedding=False)
-    model.load_state_dict(load_small_clip_state(path))
+    load_model_state(model, load_small_clip_state(path), path)
     manifest_path = weights_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     sha = file_sha256(path)
@@ -360,8 +362,12 @@ def load_clip_weights(clip: torch.nn.Module, path: str | Path) -> torch.nn.Modul
 
     Accepts a checkpoint of :func:`course_utils.train.fit` (``epoch_XXX.pt``), a plain
     ``state_dict`` saved with ``torch.save`` or a small-CLIP ``.safetensors`` file; ``.pt`` files
-    are read with ``weights_only=True``.  Keys must match ``clip``'s exactly (the message of
-    ``load_state_dict`` names the ones that do not).
+    are read with ``weights_only=True``.  Keys and shapes must match ``clip``'s exactly.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: naming ``path``: a git-LFS pointer, a truncated or foreign file, or
+            weights of another model (a few of the missing / unexpected keys and shapes).
     """
     path = Path(path)
     if not path.is_file():
@@ -369,10 +375,18 @@ def load_clip_weights(clip: torch.nn.Module, path: str | Path) -> torch.nn.Modul
     if path.suffix == ".safetensors":
         state = load_small_clip_state(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        reject_lfs_pointer(path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated zip, pickle errors, EOFError, ...
+            raise CheckpointError(f"load_clip_weights: cannot read {path} ({type(err).__name__}: "
+                                  f"{str(err).strip()[:200]}); it is truncated or not a weights file") from None
         if isinstance(state, dict) and "format_version" in state and "model" in state:
             state = state["model"]  # a course_utils.train checkpoint
-    clip.load_state_dict(state)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"load_clip_weights: {path} holds a {type(state).__name__}, "
+                                  "expected a state_dict or a course_utils.train checkpoint")
+    load_model_state(clip, state, path)
     return clip
 
 

@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from ..checkpoints import CheckpointError, reject_lfs_pointer
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -175,13 +177,34 @@ def save_small_clip(model: torch.nn.Module, path: str | Path) -> str:
 
 
 def load_small_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a file written by :func:`save_small_clip` back into a dense ``state_dict``."""
+    """Read a file written by :func:`save_small_clip` back into a dense ``state_dict``.
 
-    state = load_file(str(path))
+    Raises:
+        CheckpointError: naming ``path``: a git-LFS pointer instead of the weights, a truncated
+            or foreign file, or a file without the sparse token table of :func:`save_small_clip`.
+    """
+    path = Path(path)
+    reject_lfs_pointer(path)
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # SafetensorError ("incomplete metadata", ...), OSError from mmap
+        raise CheckpointError(
+            f"{path}: cannot read the small CLIP weights ({type(err).__name__}: {err}); the file is "
+            "truncated or not a safetensors file. Restore it (`git checkout -- <file>`, "
+            "`git lfs pull`) or rebuild it with `python tools/pretrain_small_clip.py`."
+        ) from None
+    missing = [k for k in ("token_embedding.rows", "token_embedding.values", "token_embedding.shape")
+               if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a small-CLIP file of save_small_clip: it lacks {missing}")
     rows = state.pop("token_embedding.rows")
     values = state.pop("token_embedding.values")
     shape = state.pop("token_embedding.shape").tolist()
     table = torch.zeros(shape, dtype=values.dtype)
-    table[rows] = values
+    try:
+        table[rows] = values
+    except (IndexError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: the token table does not fit together (shape {shape}, "
+                              f"{len(rows)} rows, values {tuple(values.shape)}): {err}") from None
     state["token_embedding.weight"] = table
     return state
