@@ -80,7 +80,10 @@ class WrappedKernelManager(AsyncKernelManager):
     def format_kernel_cmd(self, extra_arguments: list[str] | None = None) -> list[str]:
         # a signal would reach the wrapper, not the kernel: interrupt over the control channel
         self.kernel_spec.interrupt_mode = "message"
-        cmd = super().format_kernel_cmd(extra_arguments)
+        # fd-level output straight to the kernel's log: a crash's last words must not wait for
+        # ipykernel's capture thread, which dies with the process
+        extra = [*(extra_arguments or []), "--IPKernelApp.capture_fd_output=False"]
+        cmd = super().format_kernel_cmd(extra)
         if self._prepare is not None:
             self._prepare(self._folder)  # e.g. hand the connection file to the sandbox's user
         return self._wrap(cmd)

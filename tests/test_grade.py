@@ -191,9 +191,9 @@ def nb01_graded(tmp_path_factory: pytest.TempPathFactory):
     expected.update(make_attacks(subs, solution, make_student(solution, path.name), marker))
     before = fingerprint(subs)
     out = root / "out" / "grades.csv"
-    # Three at a time on two cores: the endless one sleeps through its 60 s cell limit while the
+    # Three at a time on two cores: the endless one sleeps through its 30 s cell limit while the
     # others share the cores.  The limits leave room for a busy machine.
-    rows = grade_folder(subs, notebook="01", out=out, timeout_cell=60, timeout_total=300, jobs=3,
+    rows = grade_folder(subs, notebook="01", out=out, timeout_cell=30, timeout_total=300, jobs=3,
                         quiet=True)
     leftovers = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True).stdout
     planted = [str(p) for p in Path("/tmp").glob(f"*/**/planted_{marker}*")]
@@ -269,7 +269,7 @@ def test_files_that_are_not_graded_are_listed_with_a_reason(nb01_graded) -> None
 @pytest.mark.slow
 def test_nb01_endless_submission_is_stopped_at_the_cell_limit(nb01_graded) -> None:
     endless = next(r for r in nb01_graded["rows"] if r.student == "endless")
-    assert 60 <= endless.seconds < 200
+    assert 30 <= endless.seconds < 200
 
 
 # --------------------------------------------------------------------------- mini notebook (fast)
