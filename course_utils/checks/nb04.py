@@ -119,3 +119,9 @@ def check_matchmap_score(fn: Callable) -> Callable:
     hidden = [Case("h", (torch.randn(3, 5, 4, 6, generator=g), a)) for a in mm_ref.AGGREGATORS]
     hidden.append(Case("h", (mm, "sisa"), {"word_mask": mask}))
     return run_exercise(EXERCISES[4], fn, mm_ref.matchmap_score, cases, hidden)
+
+
+# What an exercise re-implements in a library: calling it from the exercise scores 0.
+LIBRARY_EQUIVALENTS = {
+    "check_attend": ("torch.nn.functional:scaled_dot_product_attention",),
+}
