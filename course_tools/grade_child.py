@@ -60,25 +60,68 @@ def _tripwire(spec: str, real: Callable) -> Callable:
     return wire
 
 
-def install_tripwires(denied: list[str]) -> list[str]:
-    """Replace each denied function in its module; return the source files no one may re-run."""
-    files = []
+def _patch(spec: str, protected: set[str]) -> None:
+    try:
+        owner, name, real = resolve(spec)
+    except (ImportError, AttributeError):
+        return
+    if callable(real) and not isinstance(real, type) and not getattr(real, "_course_tripwire", False):
+        wire = _tripwire(spec, real)
+        wire._course_tripwire = True
+        setattr(owner, name, wire)
+    module = sys.modules.get(spec.partition(":")[0])
+    if getattr(module, "__file__", None):
+        protected.add(module.__file__)
+
+
+class _PatchOnImport:
+    """Patches a denied function the moment its module is first imported, so that a library the
+    student's code may never use (torchvision for a pure-torch exercise) costs no import here."""
+
+    def __init__(self, pending: dict[str, list[str]], protected: set[str]) -> None:
+        self.pending, self.protected = pending, protected
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name not in self.pending:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None:
+                break
+        else:
+            return None
+        specs, loader = self.pending.pop(name), spec.loader
+        run = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            for s in specs:
+                _patch(s, self.protected)
+
+        loader.exec_module = exec_module  # this module's own loader object
+        return spec
+
+
+def install_tripwires(denied: list[str]) -> set[str]:
+    """Replace each denied function in its module, now or when the module is first imported;
+    return the (growing) set of source files no one may re-run or read."""
+    protected: set[str] = set()
+    pending: dict[str, list[str]] = {}
     for spec in denied:
-        try:
-            owner, name, real = resolve(spec)
-        except (ImportError, AttributeError):
-            continue
-        if callable(real) and not isinstance(real, type):
-            setattr(owner, name, _tripwire(spec, real))
-        module = sys.modules.get(spec.partition(":")[0])
-        if getattr(module, "__file__", None):
-            files.append(module.__file__)
-    return files
+        module = spec.partition(":")[0]
+        if module in sys.modules:
+            _patch(spec, protected)
+        else:
+            pending.setdefault(module, []).append(spec)
+    if pending:
+        sys.meta_path.insert(0, _PatchOnImport(pending, protected))
+    return protected
 
 
-def install_audit_hook(protected_files: list[str]) -> None:
+def install_audit_hook(protected: set[str]) -> None:
     """No subprocesses, and no re-executing or reading the modules that hold tripwires."""
-    protected = set(protected_files)
     blocked = {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
                "os.fork", "os.forkpty", "pty.spawn"}
 
@@ -197,12 +240,7 @@ def serve() -> int:
         meta = {k: job.pop(k) for k in ("id", "out", "log", "timeout")}
         if sorted(job) != sorted(JOB_KEYS):
             raise SystemExit(f"a job needs the keys {JOB_KEYS}")
-        importlib.import_module(job["checks"])
-        for spec in job["denied"]:
-            try:
-                importlib.import_module(spec.partition(":")[0])
-            except ImportError:
-                pass
+        importlib.import_module(job["checks"])  # warm for every fork; the rest is imported lazily
         sys.stdout.flush()
         pid = os.fork()
         if pid == 0:
