@@ -49,14 +49,12 @@ from pathlib import Path
 import nbformat
 
 from . import sandbox
-from .grade_scoring import CheckVerdict, make_plan, score_notebook
+from .grade_scoring import CheckVerdict, check_calls, make_plan, score_notebook
 from .nbrun import REPO_ROOT, RunResult, WrappedKernelManager, run_notebook
 
 STATUSES = ("ok", "timeout", "error", "invalid", "crashed")
 FIXED_BEFORE = ("student", "notebook", "status")
 FIXED_AFTER = ("total", "max", "seconds", "integrity", "isolation", "feedback-file")
-# A check cell: ``name = checks.nb01.check_name(name)`` (several names for a pair of functions).
-CHECK_CALL = re.compile(r"checks\.nb(\d+)\.check_(\w+)\s*\(")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -77,13 +75,8 @@ def solution_path(notebook: str, root: Path = REPO_ROOT) -> Path:
 
 def parse_check_names(nb: nbformat.NotebookNode) -> list[str]:
     """The exercise names of a notebook's check cells, in order (``check_box_iou`` -> ``box_iou``)."""
-    names: list[str] = []
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            for match in CHECK_CALL.finditer(cell.source):
-                if match.group(2) not in names:
-                    names.append(match.group(2))
-    return names
+    names = [check.removeprefix("check_") for _, check, _ in check_calls(nb)]
+    return list(dict.fromkeys(names))
 
 
 def exercise_ids(notebook: str, solution: Path | None = None) -> list[str]:
@@ -177,14 +170,11 @@ def read_submission(data: bytes | Path) -> tuple[nbformat.NotebookNode | None, s
 
 def feedback_text(student: str, notebook: str, status: str, exercises: Sequence[str],
                   verdicts: dict[str, CheckVerdict], cause: str | None,
-                  cell_errors: Sequence[str], integrity: str = "ok") -> str:
+                  cell_errors: Sequence[str]) -> str:
     """The short text a student gets back."""
     total = sum(1 for e in exercises if e in verdicts and verdicts[e].passed)
     lines = [f"Notebook {notebook}, submission '{student}': {total}/{len(exercises)} exercises passed.",
              f"Status: {status}" + (f" ({cause})" if cause else "")]
-    if integrity != "ok":
-        lines.append("Integrity: the submitted file changed while it was graded; the instructor "
-                     "has been told.")
     lines.append("")
     for exercise in exercises:
         v = verdicts.get(exercise)

@@ -74,16 +74,21 @@ class _NotHere:
 # --------------------------------------------------------------------------- the plan
 
 
-def check_calls(nb: nbformat.NotebookNode) -> list[tuple[int, str, list[str]]]:
-    """``(cell index, check function, argument names)`` of every check call, in order."""
-    calls = []
-    for index, cell in enumerate(nb.cells):
+def parsed_cells(nb: nbformat.NotebookNode, until: int | None = None):
+    """``(index, source, tree)`` of each code cell before ``until`` that parses."""
+    for index, cell in enumerate(nb.cells[:until]):
         if cell.cell_type != "code":
             continue
         try:
-            tree = ast.parse(cell.source)
+            yield index, cell.source, ast.parse(cell.source)
         except SyntaxError:
             continue
+
+
+def check_calls(nb: nbformat.NotebookNode) -> list[tuple[int, str, list[str]]]:
+    """``(cell index, check function, argument names)`` of every check call, in order."""
+    calls = []
+    for index, _, tree in parsed_cells(nb):
         for node in ast.walk(tree):
             if not isinstance(node, ast.Call):
                 continue
@@ -150,14 +155,8 @@ def select_definitions(nb: nbformat.NotebookNode, names: Sequence[str], until: i
     ``until``: ``([[cell index, source, [statement indices]]], [(cell index, statement)])``."""
     where: dict[str, tuple[int, int, ast.stmt]] = {}
     sources: dict[int, str] = {}
-    for index, cell in enumerate(nb.cells[:until]):
-        if cell.cell_type != "code":
-            continue
-        try:
-            tree = ast.parse(cell.source)
-        except SyntaxError:
-            continue
-        sources[index] = cell.source
+    for index, source, tree in parsed_cells(nb, until):
+        sources[index] = source
         for i, node in enumerate(tree.body):
             if _is_definition(node):
                 for name in _bound_names(node):
@@ -201,7 +200,7 @@ def reference_uses(statements: Sequence[tuple[int, ast.stmt]], denied: Sequence[
             return f"{base}.{node.attr}" if base else None
         return None
 
-    found = []
+    found = set()
     for cell, stmt in statements:
         for node in ast.walk(stmt):
             hits = []
@@ -210,11 +209,8 @@ def reference_uses(statements: Sequence[tuple[int, ast.stmt]], denied: Sequence[
             if isinstance(node, ast.ImportFrom) and node.module:
                 hits += [f"{node.module}.{a.name}" for a in node.names
                          if f"{node.module}.{a.name}" in targets]
-            for hit in hits:
-                where = f"cell {cell}, line {getattr(node, 'lineno', '?')}"
-                if not isinstance(node, ast.ImportFrom) or hit not in " ".join(found):
-                    found.append(f"{hit} ({where})")
-    return sorted(set(found))
+            found |= {f"{hit} (cell {cell}, line {getattr(node, 'lineno', '?')})" for hit in hits}
+    return sorted(found)
 
 
 # --------------------------------------------------------------------------- the child
