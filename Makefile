@@ -13,13 +13,16 @@ TEST_ENV    := COURSE_PROFILE=smoke COURSE_OFFLINE=1 COURSE_CACHE=$(CURDIR)/.cac
                COURSE_FIGURES=$(CURDIR)/.cache/test/figures MPLBACKEND=Agg
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-unit test-notebooks fullpath notebooks reproduce benchmarks readme lint clean
+.PHONY: help venv test test-unit test-notebooks fullpath notebooks lab reproduce reproduce-check benchmarks readme lint clean
 
 help:
-	@echo "make reproduce   execute every solution notebook (auto profile), refresh figures/, results and README"
+	@echo "make reproduce   execute every solution notebook (auto profile, one torch thread) with progress,"
+	@echo "                 then the benchmarks; refresh figures/, results and README"
+	@echo "make reproduce-check  the smoke notebooks twice, from different thread settings: same outputs?"
 	@echo "make test        unit tests + every solution and student notebook in the smoke profile"
 	@echo "make fullpath    every solution notebook in the fullpath profile (full's code path, tiny counts)"
 	@echo "make notebooks   regenerate notebooks/ from solutions/"
+	@echo "make lab         JupyterLab on the course environment (LAB_ARGS='--port 8890' to pass options)"
 
 venv: $(STAMP)
 
@@ -55,14 +58,35 @@ fullpath: $(STAMP)
 notebooks: $(STAMP)
 	$(PY) -m course_tools.nbbuild
 
+# JupyterLab on the course environment, from the repository root (so solutions/ and notebooks/
+# are one click away); LAB_ARGS passes options, e.g. LAB_ARGS='--port 8890' (as root: '--allow-root').
+LAB_ARGS ?=
+lab: $(STAMP)
+	$(PY) -m jupyter lab --ip 127.0.0.1 --no-browser $(LAB_ARGS)
+
+# One torch thread in every kernel and benchmark (course_tools/reproduce.py says why): the
+# committed numbers were made so, and a busy second core then costs no speed.
 reproduce: $(STAMP)
-	COURSE_FIGURES=$(CURDIR)/figures $(PY) -m course_tools.nbrun solutions/*.ipynb --profile auto --inplace
-	$(MAKE) benchmarks
+	COURSE_FIGURES=$(CURDIR)/figures $(PY) -m course_tools.reproduce solutions/*.ipynb \
+		--profile auto --threads 1 --inplace --record --headers --benchmarks
+	$(PY) -m course_tools.report
 	$(PY) -m course_tools.nbbuild
 
 benchmarks: $(STAMP)
-	@for b in benchmarks/*.py; do echo "== $$b"; MPLBACKEND=Agg $(PY) $$b || exit 1; done
+	$(PY) -m course_tools.reproduce --benchmarks --threads 1
 	$(PY) -m course_tools.report
+
+# The smoke notebooks twice, in two processes started with different thread settings and with
+# separate caches; their outputs must be the same, timings and cache paths aside.
+REPRO_CHECK := $(CURDIR)/.cache/reproduce-check
+reproduce-check: $(STAMP)
+	rm -rf $(REPRO_CHECK) && mkdir -p $(REPRO_CHECK)
+	COURSE_OFFLINE=1 OMP_NUM_THREADS=2 MPLBACKEND=Agg $(PY) -m course_tools.reproduce solutions/*.ipynb \
+		--profile smoke --threads 1 --out $(REPRO_CHECK)/a --heartbeat 0 > $(REPRO_CHECK).a.log 2>&1 & \
+	COURSE_OFFLINE=1 OMP_NUM_THREADS=1 MPLBACKEND=Agg $(PY) -m course_tools.reproduce solutions/*.ipynb \
+		--profile smoke --threads 1 --out $(REPRO_CHECK)/b --heartbeat 0 --record > $(REPRO_CHECK).b.log 2>&1; \
+	b=$$?; wait $$!; a=$$?; cat $(REPRO_CHECK).a.log $(REPRO_CHECK).b.log; [ $$a = 0 ] && [ $$b = 0 ]
+	$(PY) -m course_tools.reproduce --compare $(REPRO_CHECK)/a $(REPRO_CHECK)/b
 
 readme: $(STAMP)
 	$(PY) -m course_tools.report

@@ -34,12 +34,46 @@ from pathlib import Path
 import nbformat
 from nbformat import NotebookNode
 
-# --- The repository, defined once: badges and the bootstrap cell are built from these. ---
-REPO_OWNER = "anchors-to-clip"
-REPO_NAME = "anchors-to-clip"
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: read the one line we need by pattern instead
+    tomllib = None
+
+# --- The repository, defined once in pyproject.toml ([project.urls] Repository): badges, the
+# README's notebook table and the bootstrap cell are built from it, so a fork changes one line.
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 REPO_BRANCH = "main"
-REPO_URL = f"https://github.com/{REPO_OWNER}/{REPO_NAME}"
+
+
+def repository_url(pyproject: Path = PYPROJECT) -> str:
+    """``[project.urls] Repository`` of ``pyproject``: ``https://github.com/<owner>/<name>``."""
+    try:
+        text = pyproject.read_text(encoding="utf-8")
+        if tomllib is not None:
+            url = tomllib.loads(text)["project"]["urls"]["Repository"]
+        else:
+            found = re.search(r'^\[project\.urls\][^\[]*?^Repository\s*=\s*"([^"]+)"', text, re.M | re.S)
+            if found is None:
+                raise KeyError("Repository")
+            url = found.group(1)
+        url = url.strip().removesuffix(".git").rstrip("/")
+    except (OSError, KeyError, ValueError) as exc:  # TOMLDecodeError is a ValueError
+        raise RuntimeError(f"{pyproject}: cannot read [project.urls] Repository ({exc!r}); the "
+                           "notebook build needs the repository's GitHub address there") from exc
+    if not re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", url):
+        raise RuntimeError(f"{pyproject}: [project.urls] Repository = {url!r}; expected "
+                           "https://github.com/<owner>/<name> (Colab opens notebooks from GitHub)")
+    return url
+
+
+REPO_URL = repository_url()
+REPO_OWNER, REPO_NAME = REPO_URL.split("/")[-2:]
 COLAB_CLONE_DIR = f"/content/{REPO_NAME}"
+# What GitHub's "Download ZIP" gives, and the folder that zip unpacks to.
+REPO_ZIP_URL = f"{REPO_URL}/archive/refs/heads/{REPO_BRANCH}.zip"
+REPO_ZIP_DIR = f"{REPO_NAME}-{REPO_BRANCH}"
+# Colab only, opt-in: the course cache in the student's Google Drive survives a recycled runtime.
+DRIVE_CACHE_DIR = f"/content/drive/MyDrive/{REPO_NAME}-cache"
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 
 SOLUTIONS_DIR = "solutions"
@@ -63,30 +97,92 @@ MARKDOWN_ANSWER = "*Your answer here.*"
 # the student notebooks differ from build to build.
 TIMING_METADATA_KEYS = ("execution", "ExecuteTime")
 
-# The first code cell of every notebook.  Only on Colab does it do anything: there the course is
-# not installed yet.  torch and numpy come with Colab and must never be replaced (a mismatched
+# The first code cell of every notebook.  On Colab, where the course is not installed yet, it
+# fetches and installs it; torch and numpy come with Colab and must never be replaced (a mismatched
 # torch breaks CUDA), hence --no-deps for the package and an explicit list of what Colab lacks.
-BOOTSTRAP_SOURCE = f'''\
-# Colab set-up, written by `make notebooks` (do not edit). On Google Colab it fetches the
-# course and installs only what Colab lacks; anywhere else it does nothing.
+# A failed step prints the command, its last error lines and what to do, then stops the notebook
+# with SetupStopped, which Jupyter/Colab show as one line (``_render_traceback_``), no traceback.  Elsewhere it only checks the install.
+# Written with <<NAME>> placeholders (the cell has braces of its own), filled in below.
+_BOOTSTRAP_TEMPLATE = """\
+# Set-up, written by `make notebooks`: edit only the two settings. On Google Colab it fetches the
+# course and installs only what Colab lacks; anywhere else it checks that the course is installed.
+COURSE_PROFILE = "auto"  # or "smoke", "cpu", "full"
+# ("auto": full on a GPU, cpu otherwise, unless the COURSE_PROFILE environment variable is set.)
+USE_DRIVE_CACHE = False  # Colab: True keeps the course cache in your Google Drive
+import os
 import sys
 
+
+class SetupStopped(Exception):  # Jupyter shows only these lines, no traceback; "Run all" stops
+    def _render_traceback_(self):
+        return [f"Set-up stopped: {self}. Read the message above, then run this cell again."]
+
+
+if COURSE_PROFILE != "auto":
+    os.environ["COURSE_PROFILE"] = COURSE_PROFILE
 if "google.colab" in sys.modules:
-    import os
     import subprocess
 
-    if not os.path.isdir("{COLAB_CLONE_DIR}"):
-        subprocess.run(["git", "clone", "--depth", "1", "{REPO_URL}.git", "{COLAB_CLONE_DIR}"], check=True)
-    os.chdir("{COLAB_CLONE_DIR}")
+    def _run(cmd, advice):
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            code, err = proc.returncode, proc.stderr or proc.stdout or ""
+        except OSError as exc:  # e.g. the program is missing
+            code, err = "not started", str(exc)
+        if code != 0:
+            tail = "\\n".join("    " + line for line in err.strip().splitlines()[-5:])
+            print(f"Set-up failed ({code}): {' '.join(cmd)}\\n{tail}\\n\\nWhat to do: {advice}")
+            raise SetupStopped("the command above failed")
+
+    if USE_DRIVE_CACHE:  # resume survives a recycled runtime; 05 and 08 reuse what 04 and 07 made
+        try:
+            from google.colab import drive
+
+            drive.mount("/content/drive")
+            os.environ["COURSE_CACHE"] = "<<DRIVE_CACHE_DIR>>"
+        except Exception as exc:
+            print(f"Google Drive not mounted ({exc}); the cache stays on this runtime's disk.")
+    clone_advice = (
+        "check that this runtime is connected to the internet and run this cell again. Or download\\n"
+        "    <<ZIP_URL>>\\n"
+        "upload it to /content with the file browser (folder icon on the left), run\\n"
+        "    !unzip -q /content/<<ZIP_DIR>>.zip -d /content && mv /content/<<ZIP_DIR>> <<CLONE_DIR>>\\n"
+        "and run this cell again.")
+    if not os.path.isdir("<<CLONE_DIR>>"):
+        _run(["git", "clone", "--depth", "1", "<<REPO_URL>>.git", "<<CLONE_DIR>>"], clone_advice)
+    os.chdir("<<CLONE_DIR>>")
+    pip_advice = ("check that this runtime is connected to the internet (packages come from PyPI) "
+                  "and run this cell again. If <<CLONE_DIR>> is incomplete, delete it "
+                  "(!rm -rf <<CLONE_DIR>>) and run this cell again.")
     # --no-deps: Colab's own torch and numpy stay as they are.
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", ".", "--no-deps"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "open_clip_torch", "segment-anything", "pooch"], check=True)
+    _run([sys.executable, "-m", "pip", "install", "-q", "-e", ".", "--no-deps"], pip_advice)
+    _run([sys.executable, "-m", "pip", "install", "-q", "open_clip_torch", "segment-anything", "pooch"], pip_advice)
     # An editable install is only seen by a new interpreter; this kernel needs the path now.
-    if "{COLAB_CLONE_DIR}" not in sys.path:
-        sys.path.insert(0, "{COLAB_CLONE_DIR}")
-    print("Colab set-up done: course_utils installed from {COLAB_CLONE_DIR}")
+    if "<<CLONE_DIR>>" not in sys.path:
+        sys.path.insert(0, "<<CLONE_DIR>>")
+    print("Colab set-up done: course_utils installed from <<CLONE_DIR>>; cache: "
+          + os.environ.get("COURSE_CACHE", "this runtime's disk (lost when it is recycled)"))
 else:
-    print("Not on Colab: nothing to install.")'''
+    try:
+        import course_utils
+    except ImportError as exc:
+        print(f"This notebook's kernel cannot import course_utils ({exc}). From the repository "
+              "root run `make lab` (it sets up .venv and opens JupyterLab on it), or run "
+              "`pip install -e .` in the environment of this kernel; then restart the kernel.")
+        raise SetupStopped("course_utils is not installed") from None
+    print("Not on Colab: nothing to install.")"""
+
+
+def _fill(template: str, **values: str) -> str:
+    for key, value in values.items():
+        template = template.replace(f"<<{key}>>", value)
+    if "<<" in template:
+        raise RuntimeError(f"unfilled placeholder in the bootstrap cell: {template[template.index('<<'):][:40]}")
+    return template
+
+
+BOOTSTRAP_SOURCE = _fill(_BOOTSTRAP_TEMPLATE, REPO_URL=REPO_URL, CLONE_DIR=COLAB_CLONE_DIR,
+                         ZIP_URL=REPO_ZIP_URL, ZIP_DIR=REPO_ZIP_DIR, DRIVE_CACHE_DIR=DRIVE_CACHE_DIR)
 
 _BADGE_LINE = re.compile(
     r"^\s*(?:" + re.escape(BADGE_PLACEHOLDER) + r"|\[!\[Open In Colab\]\(" + re.escape(BADGE_IMAGE)

@@ -13,6 +13,7 @@ import torch
 
 from . import device_guard
 from .profiles import Config, get_config
+from .runtimes import expected_runtime
 
 
 def get_device(prefer: str | None = None) -> torch.device:
@@ -80,6 +81,16 @@ def _version(mod: str) -> str:
         return "not installed"
 
 
+def _expected(notebook: str, profile: str, device: torch.device) -> str:
+    """The banner's run-time line (:func:`course_utils.runtimes.expected_runtime`)."""
+    # The virtual CUDA device of the tests computes on the CPU: its times are CPU times.
+    kind = "cpu" if device_guard.is_active() else device.type
+    try:
+        return expected_runtime(notebook, profile, kind)
+    except ValueError:  # a name without its two-digit number
+        return "not recorded for this notebook"
+
+
 def setup_notebook(notebook: str, seed: int = 0) -> NotebookEnv:
     """Pick profile and device, seed everything and print one banner with versions.
 
@@ -95,10 +106,14 @@ def setup_notebook(notebook: str, seed: int = 0) -> NotebookEnv:
 
     lines = [
         f"notebook : {notebook}",
-        f"profile  : {cfg.name}  (set COURSE_PROFILE=smoke|cpu|full to change)",
+        f"profile  : {cfg.name}  (to change it, edit COURSE_PROFILE in the set-up cell above and run "
+        "the notebook again; outside a notebook, set the environment variable COURSE_PROFILE)",
+        f"expected : {_expected(notebook, cfg.name, device)}",
         f"device   : {device}" + (f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else ""),
         f"seed     : {seed}",
-        f"python   : {platform.python_version()} on {sys.platform}, {os.cpu_count()} CPU cores",
+        # the thread count changes the last digits of some trainings: make reproduce pins 1
+        f"python   : {platform.python_version()} on {sys.platform}, {os.cpu_count()} CPU cores, "
+        f"{torch.get_num_threads()} torch thread(s)",
         f"torch    : {torch.__version__}   torchvision: {torchvision.__version__}   "
         f"open_clip: {_version('open_clip_torch')}   segment-anything: {_version('segment-anything')}",
     ]
