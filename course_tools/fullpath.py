@@ -90,23 +90,14 @@ def header_cell(row: dict) -> str:
 def write_headers(results: dict, solutions: Path = REPO_ROOT / "solutions") -> list[str]:
     """Rewrite the ``full`` row's last cell in each solution notebook's first cell; returns the
     notebooks changed."""
-    import nbformat
+    from .nbbuild import set_run_time
 
     changed = []
     for stem, row in results["metrics"]["notebooks"].items():
         if "t4_minutes" not in row.get("full_estimate", {}):
             continue
         path = solutions / f"{stem}.ipynb"
-        nb = nbformat.read(path, as_version=4)
-        lines = nb.cells[0].source.splitlines()
-        for i, line in enumerate(lines):
-            if line.startswith("| `full` |"):
-                cells = line.rstrip().rstrip("|").split(" | ")
-                lines[i] = " | ".join(cells[:-1] + [header_cell(row)]) + " |"
-        new = "\n".join(lines)
-        if new != nb.cells[0].source:
-            nb.cells[0].source = new
-            nbformat.write(nb, path)
+        if set_run_time(path, "full", header_cell(row)):
             changed.append(path.name)
     return changed
 

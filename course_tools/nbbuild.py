@@ -205,6 +205,24 @@ def badge_markdown(folder: str, filename: str) -> str:
     return f"[![Open In Colab]({BADGE_IMAGE})]({colab_url(folder, filename)})"
 
 
+def set_run_time(path: Path, profile: str, text: str) -> bool:
+    """Write ``text`` into the last column of the ``profile`` row of the run-time table in the
+    notebook's first (header) cell; returns whether the file changed."""
+    nb = nbformat.read(path, as_version=4)
+    lines = nb.cells[0].source.splitlines()
+    row = f"| `{profile}` |"
+    for i, line in enumerate(lines):
+        if line.startswith(row):
+            cells = line.rstrip().rstrip("|").split(" | ")
+            lines[i] = " | ".join(cells[:-1] + [text]) + " |"
+    new = "\n".join(lines)
+    if new == nb.cells[0].source:
+        return False
+    nb.cells[0].source = new
+    nbformat.write(nb, path)
+    return True
+
+
 # --------------------------------------------------------------------------- exercise markers
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import nbformat
 
+from .nbbuild import set_run_time
 from .nbrun import REPO_ROOT, run_notebook
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -168,16 +169,7 @@ def write_headers(results_dir: Path = RESULTS_DIR, solutions: Path = REPO_ROOT /
         row = data["metrics"]["notebooks"].get(nb_path.name[:2])
         if not row or row.get("seconds") is None:
             continue
-        nb = nbformat.read(nb_path, as_version=4)
-        lines = nb.cells[0].source.splitlines()
-        for i, line in enumerate(lines):
-            if line.startswith("| `cpu` |"):
-                cells = line.rstrip().rstrip("|").split(" | ")
-                lines[i] = " | ".join(cells[:-1] + [header_cell(row, cores, threads)]) + " |"
-        new = "\n".join(lines)
-        if new != nb.cells[0].source:
-            nb.cells[0].source = new
-            nbformat.write(nb, nb_path)
+        if set_run_time(nb_path, "cpu", header_cell(row, cores, threads)):
             changed.append(nb_path.name)
     return changed
 

@@ -98,3 +98,22 @@ def test_run_all_pins_threads_whatever_the_caller_says(tmp_path, monkeypatch, ca
     assert ran.cells[0].outputs[0]["text"].strip() == "threads 1 1"
     out = capsys.readouterr().out
     assert "[1/1] 01_threads.ipynb" in out and "1 torch thread(s)" in out and "1/1 ok in" in out
+
+
+def test_headers_take_the_recorded_cpu_times(tmp_path):
+    from nbformat.v4 import new_markdown_cell
+
+    header = ("# 05 · demo\n\n| profile | data | run time on 2 CPU cores |\n|---|---|---|\n"
+              "| `smoke` | tiny | ≈ 20 s |\n| `cpu` | 1000 images | typed by hand |\n| `full` | big | estimated |")
+    sols = tmp_path / "solutions"
+    sols.mkdir()
+    nbformat.write(new_notebook(cells=[new_markdown_cell(header)]), sols / "05_demo.ipynb")
+    reproduce.record("cpu", {"05": 180.0}, 1, from_scratch=False, results_dir=tmp_path)
+    reproduce.record("cpu", {"05": 260.0}, 1, from_scratch=True, results_dir=tmp_path)
+    assert reproduce.write_headers(tmp_path, sols) == ["05_demo.ipynb"]
+    lines = nbformat.read(sols / "05_demo.ipynb", 4).cells[0].source.splitlines()
+    cpu = next(line for line in lines if line.startswith("| `cpu` |"))
+    assert cpu.startswith("| `cpu` | 1000 images | 3 min 00 s measured by `make reproduce`")
+    assert "after notebook 04" in cpu and "4 min 20 s from an empty cache" in cpu
+    assert "| `smoke` | tiny | ≈ 20 s |" in lines and "| `full` | big | estimated |" in lines
+    assert reproduce.write_headers(tmp_path, sols) == []  # a second time changes nothing

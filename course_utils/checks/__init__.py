@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Case", "CheckResult", "Outcome", "RESULTS", "collecting", "compare", "replaying",
-           "run_exercise", "summary"]
+__all__ = ["Case", "CheckResult", "Hint", "Outcome", "RESULTS", "collecting", "compare", "passed",
+           "replaying", "run_exercise", "made_by", "say_if_reference", "summary"]
 
 
 @dataclass
@@ -46,6 +46,21 @@ class Case:
     expected: Any = None
     # Optional custom comparison for this case: returns None when fine, else a message.
     compare: Callable[[Any, Any], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A common mistake of an exercise, recognised from the student's output on a failed case.
+
+    ``wrong``: the reference with that mistake made (same arguments); the hint applies when the
+    student's output matches it the way the case compares outputs.  Or ``matches(got, case)``:
+    a test on the output itself, for cases checked by rules rather than against one answer.
+    ``message`` names the mistake without giving the code away.
+    """
+
+    message: str
+    wrong: Callable | None = None
+    matches: Callable[[Any, Case], bool] | None = None
 
 
 @dataclass
@@ -120,8 +135,12 @@ def compare(got: Any, expected: Any, *, atol: float = 1e-5, rtol: float = 1e-4,
         else:
             ok = got.cpu() == expected.cpu()
         if not bool(ok.all()):
-            bad = (~ok).nonzero()[0].tolist()
             n_bad = int((~ok).sum())
+            if expected.ndim == 0:  # a scalar: there is no index to point at
+                if show_values:
+                    return f"{path}: expected {expected.item():.6g}, got {got.item():.6g}"
+                return f"{path}: wrong value"
+            bad = (~ok).nonzero()[0].tolist()
             where = f"index {tuple(bad)}"
             if show_values:
                 return (f"{path}: {n_bad} of {ok.numel()} values differ; first at {where}: "
@@ -244,15 +263,43 @@ def is_package_code(fn: Any) -> bool:
         module.startswith("course_utils.") and not module.startswith("course_utils.checks"))
 
 
+def _hints(hints: Sequence[Hint], failed: Sequence[tuple[Case, Any, Callable]]) -> list[str]:
+    """The messages of the ``hints`` whose mistake explains every failed case's output.
+
+    Computed from the outputs the student's code returned (recorded, in the grader) and the
+    reference side only; the global RNG is left as it was, so that later cells see the same state
+    whether or not a hint was looked for."""
+    if not failed:
+        return []
+    found: list[str] = []
+    with torch.random.fork_rng(devices=[]):
+        for hint in hints:
+            if all(_explains(hint, case, got, cmp) for case, got, cmp in failed):
+                found.append(hint.message)
+    return found
+
+
+def _explains(hint: Hint, case: Case, got: Any, cmp: Callable) -> bool:
+    try:
+        if hint.matches is not None:
+            return bool(hint.matches(got, case))
+        wrong = hint.wrong(*_clone(case.args), **_clone(case.kwargs))
+        return cmp(got, wrong) is None
+    except Exception:  # a variant that does not apply to this case
+        return False
+
+
 def run_exercise(exercise: str, student: Callable, reference: Callable, cases: Sequence[Case],
                  hidden: Sequence[Case] = (), *, atol: float = 1e-5, rtol: float = 1e-4,
-                 verbose: bool = True, uses_reference: bool | None = None) -> Callable:
+                 verbose: bool = True, uses_reference: bool | None = None,
+                 hints: Sequence[Hint] = ()) -> Callable:
     """Check ``student`` against ``reference`` on ``cases`` (+ ``hidden``); return what to use next.
 
     Returns ``student`` when every case passes, otherwise ``reference`` (with a note), so that the
     notebook always goes on.  A ``NotImplementedError`` on the first case means "not started".
     Handing the package's own implementation to a check never counts as passing:
     ``uses_reference`` (default: detected from where ``student`` was defined) marks it.
+    ``hints``: the exercise's common mistakes; each one a failed case's output shows is named.
     """
     if uses_reference is None:
         uses_reference = student is reference or is_package_code(student)
@@ -265,6 +312,7 @@ def run_exercise(exercise: str, student: Callable, reference: Callable, cases: S
                   "code; write the function above to earn the point.")
         return reference
     messages: list[str] = []
+    failed: list[tuple[Case, Any, Callable]] = []
     n_failed = 0
     implemented = True
     all_cases = [(c, False) for c in cases] + [(c, True) for c in hidden]
@@ -296,6 +344,9 @@ def run_exercise(exercise: str, student: Callable, reference: Callable, cases: S
         if msg:
             n_failed += 1
             messages.append(f"{label}: {msg}")
+            failed.append((case, got, cmp))
+    if _MODE is None or _MODE[0] == "replay":  # the grader's child only records outputs
+        messages += [f"hint: {h}" for h in _hints(hints, failed)]
     passed = implemented and n_failed == 0
     _report(CheckResult(exercise, implemented, passed, len(all_cases), n_failed, messages))
     if verbose and _MODE is None:  # the grader's two runs print nothing
@@ -305,17 +356,39 @@ def run_exercise(exercise: str, student: Callable, reference: Callable, cases: S
 
 def _print_outcome(exercise: str, implemented: bool, passed: bool, n: int, messages: list[str],
                    reference: Callable) -> None:
-    ref_name = f"{reference.__module__}.{reference.__qualname__}"
+    number = exercise.split()[0]
+    after = (f"The cells below use the course's reference implementation of {number}, so the "
+             "notebook still runs; what they print comes from it, not from your code.")
     if not implemented:
-        print(f"[ ] {exercise}: not implemented yet. The cells below use the reference "
-              f"implementation {ref_name} so the notebook still runs.")
+        print(f"[ ] {exercise}: not implemented yet. {after}")
     elif passed:
         print(f"[x] {exercise}: all {n} cases passed.")
     else:
-        print(f"[!] {exercise}: {len(messages)} of {n} cases failed:")
+        problems = [m for m in messages if not m.startswith("hint: ")]
+        print(f"[!] {exercise}: {len(problems)} of {n} cases failed:")
         for m in messages:
             print(f"      - {m}")
-        print(f"    The cells below use the reference implementation {ref_name}.")
+        print(f"    {after}")
+
+
+def passed(exercise: str) -> bool:
+    """Whether the exercise (``"1.1"`` or its full name) passed its check in this notebook."""
+    for name, result in RESULTS.items():
+        if name == exercise or name.split()[0] == exercise:
+            return result.passed
+    return False
+
+
+def made_by(exercise: str, ours: str = "ours") -> str:
+    """``ours`` when exercise ``"1.1"`` passed its check, else a label saying that the printed
+    result came from the reference: for notebook lines printed after a check fell back."""
+    return ours if passed(exercise) else f"reference implementation (your {exercise} did not pass)"
+
+
+def say_if_reference(exercise: str) -> None:
+    """Print one line when exercise ``"1.2"`` fell back, before a cell prints what it computed."""
+    if not passed(exercise):
+        print(f"(what follows comes from the reference implementation: your {exercise} did not pass)")
 
 
 def _clone(x: Any) -> Any:

@@ -7,13 +7,13 @@ with the same constructor arguments, copies the reference's weights into the stu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import Case, is_package_code, run_exercise
+from . import Case, Hint, is_package_code, run_exercise
 
 
 class _WeightsMismatch(Exception):
@@ -46,13 +46,23 @@ def build_like(cls: type, ref_cls: type, kwargs: dict[str, Any]) -> tuple[nn.Mod
 
 def check_module(exercise: str, cls: type, ref_cls: type, cases: list[tuple[str, dict, tuple]],
                  hidden: list[tuple[dict, tuple]] = (), call: Callable | None = None,
-                 atol: float = 1e-5) -> type:
+                 atol: float = 1e-5, hints: Sequence[Hint] = ()) -> type:
     """Compare ``cls`` with ``ref_cls`` on ``(name, ctor_kwargs, forward_args)`` cases.
 
     Returns ``cls`` when every case passes, else ``ref_cls`` (so the notebook goes on).
-    ``call(module, *args)`` runs the forward (default ``module(*args)``).
+    ``call(module, *args)`` runs the forward (default ``module(*args)``).  ``hints``: common
+    mistakes, each ``Hint(message, wrong)`` with ``wrong(reference_module, *args)`` the forward
+    with that mistake made (on the reference's layers and weights).
     """
     call = call or (lambda m, *a: m(*a))
+
+    def as_case_hint(hint: Hint) -> Hint:
+        def wrong(kwargs, *args):
+            torch.manual_seed(0)
+            module = ref_cls(**kwargs).eval()
+            with torch.no_grad():
+                return hint.wrong(module, *args)
+        return Hint(hint.message, wrong)
 
     def student(kwargs, *args):
         stu, _ = build_like(cls, ref_cls, kwargs)
@@ -80,5 +90,6 @@ def check_module(exercise: str, cls: type, ref_cls: type, cases: list[tuple[str,
     chosen = run_exercise(exercise, run_student, reference,
                           [wrap(n, k, a) for n, k, a in cases],
                           [wrap("h", k, a) for k, a in hidden], atol=atol,
-                          uses_reference=cls is ref_cls or is_package_code(cls))
+                          uses_reference=cls is ref_cls or is_package_code(cls),
+                          hints=[as_case_hint(h) for h in hints])
     return cls if chosen is run_student else ref_cls

@@ -12,10 +12,19 @@ import torch
 
 from .. import rpn as ref
 from ..boxes import anchor_grid, encode_boxes
-from . import Case, compare, run_exercise
+from . import Case, Hint, compare, run_exercise
 from ._modules import check_module
 
 EXERCISES = ["2.1 RPNHead", "2.2 rpn_loss", "2.3 decode_proposals"]
+
+
+RPN_HEAD_HINTS = (
+    Hint("the ReLU after the 3x3 conv is missing: both outputs read relu(conv(features))",
+         lambda m, x: (m.cls_logits(m.conv(x)), m.bbox_pred(m.conv(x)))),
+    Hint("the objectness went through a sigmoid: the head returns logits (the loss applies the "
+         "sigmoid)", lambda m, x: (m(x)[0].sigmoid(), m(x)[1])),
+    Hint("the two outputs are in the wrong order: return (objectness, deltas)", lambda m, x: m(x)[::-1]),
+)
 
 
 def check_rpn_head(cls: type) -> type:
@@ -31,7 +40,40 @@ def check_rpn_head(cls: type) -> type:
          (torch.randn(2, 6, 3, 3, generator=g),)),
     ]
     hidden = [(dict(in_channels=16, mid_channels=8, num_anchors=2), (torch.randn(2, 16, 6, 2, generator=g),))]
-    return check_module(EXERCISES[0], cls, ref.RPNHead, cases, hidden)
+    return check_module(EXERCISES[0], cls, ref.RPNHead, cases, hidden, hints=RPN_HEAD_HINTS)
+
+
+def _loss_parts(objectness, deltas, labels, target_deltas, box_weight=1.0, beta=1.0 / 9):
+    pos = labels > 0
+    l1 = torch.nn.functional.smooth_l1_loss(deltas, target_deltas, beta=beta, reduction="none").sum(1)
+    cls = torch.nn.functional.binary_cross_entropy_with_logits(objectness, labels.to(objectness.dtype))
+    return cls, l1, pos
+
+
+def _box_loss_over_all(objectness, deltas, labels, target_deltas, box_weight=1.0, beta=1.0 / 9):
+    cls, l1, pos = _loss_parts(objectness, deltas, labels, target_deltas, box_weight, beta)
+    return cls, box_weight * l1[pos].sum() / len(labels)
+
+
+def _box_loss_with_negatives(objectness, deltas, labels, target_deltas, box_weight=1.0, beta=1.0 / 9):
+    cls, l1, pos = _loss_parts(objectness, deltas, labels, target_deltas, box_weight, beta)
+    return cls, box_weight * l1.sum() / max(int(pos.sum()), 1)
+
+
+def _bce_on_probabilities(objectness, deltas, labels, target_deltas, box_weight=1.0, beta=1.0 / 9):
+    _, box = ref.rpn_loss(objectness, deltas, labels, target_deltas, box_weight, beta)
+    cls = torch.nn.functional.binary_cross_entropy_with_logits(objectness.sigmoid(), labels.to(objectness.dtype))
+    return cls, box
+
+
+RPN_LOSS_HINTS = (
+    Hint("the box loss is divided by all sampled anchors: Eq. 2's N_reg here is the number of "
+         "positives (at least 1)", _box_loss_over_all),
+    Hint("the box loss includes negative anchors: only positives have a box to regress",
+         _box_loss_with_negatives),
+    Hint("the sigmoid is applied twice: binary_cross_entropy_with_logits takes the raw logits",
+         _bce_on_probabilities),
+)
 
 
 def check_rpn_loss(fn: Callable) -> Callable:
@@ -60,7 +102,35 @@ def check_rpn_loss(fn: Callable) -> Callable:
               torch.randn(6, 4, generator=g))),
     ]
     hidden = [case("h", 256, 40), case("h", 30, 1, box_weight=0.5)]
-    return run_exercise(EXERCISES[1], fn, ref.rpn_loss, cases, hidden, atol=1e-5, rtol=1e-4)
+    return run_exercise(EXERCISES[1], fn, ref.rpn_loss, cases, hidden, atol=1e-5, rtol=1e-4,
+                        hints=RPN_LOSS_HINTS)
+
+
+def _proposals(objectness, deltas, anchors, image_size, pre_nms_top_n=1000, post_nms_top_n=100,
+               nms_iou=0.7, min_size=1e-3, score_thresh=0.0, *, clip=True, sigmoid=True, use_nms=True):
+    from torchvision.ops import clip_boxes_to_image, nms, remove_small_boxes
+
+    top = objectness.topk(min(pre_nms_top_n, objectness.numel())).indices
+    conf = torch.sigmoid(objectness[top]) if sigmoid else objectness[top]
+    boxes = ref.decode_boxes(deltas[top], anchors[top])
+    if clip:
+        boxes = clip_boxes_to_image(boxes, image_size)
+    keep = remove_small_boxes(boxes, min_size)
+    boxes, conf = boxes[keep], conf[keep]
+    keep = conf > score_thresh
+    boxes, conf = boxes[keep], conf[keep]
+    keep = nms(boxes, conf, nms_iou) if use_nms else torch.argsort(conf, descending=True)
+    keep = keep[:post_nms_top_n]
+    return boxes[keep], conf[keep]
+
+
+PROPOSAL_HINTS = (
+    Hint("boxes reach outside the image: clip them to (0, 0, W, H) after decoding",
+         lambda *a, **k: _proposals(*a, **k, clip=False)),
+    Hint("the confidences are raw logits: conf = sigmoid(objectness)", lambda *a, **k: _proposals(*a, **k, sigmoid=False)),
+    Hint("overlapping duplicates survive: run NMS (IoU above nms_iou with a better box drops it) "
+         "before keeping the top post_nms_top_n", lambda *a, **k: _proposals(*a, **k, use_nms=False)),
+)
 
 
 def check_decode_proposals(fn: Callable) -> Callable:
@@ -103,7 +173,8 @@ def check_decode_proposals(fn: Callable) -> Callable:
     ]
     hidden = [Case("h", (*rand(128, 128, 8, 16.0, 2.0), (128, 128)), {"post_nms_top_n": 50}),
               Case("h", (*rand(64, 64, 4, 8.0), (64, 64)), {"pre_nms_top_n": 100, "nms_iou": 0.3})]
-    return run_exercise(EXERCISES[2], fn, ref.decode_proposals, cases, hidden, atol=1e-4)
+    return run_exercise(EXERCISES[2], fn, ref.decode_proposals, cases, hidden, atol=1e-4,
+                        hints=PROPOSAL_HINTS)
 
 
 # What an exercise re-implements in a library: calling it from the exercise scores 0.

@@ -12,7 +12,7 @@ import torch
 
 from .. import matchmap as mm_ref
 from .. import scan as ref
-from . import Case, compare, run_exercise
+from . import Case, Hint, compare, run_exercise
 
 EXERCISES = ["4.1 attend", "4.2 pool_lse / pool_avg", "4.3 hardest_negative_triplet_loss",
              "4.4 recall_at_k", "4.5 matchmap_score"]
@@ -20,6 +20,36 @@ EXERCISES = ["4.1 attend", "4.2 pool_lse / pool_avg", "4.3 hardest_negative_trip
 
 def _unit(*shape: int, g: torch.Generator) -> torch.Tensor:
     return ref.l2norm(torch.randn(*shape, generator=g))
+
+
+def _attend_softmax_over_queries(query, context, lambda_softmax, context_mask=None):
+    sbar = ref.clipped_l2norm(query @ context.T, dim=0,
+                              mask=None if context_mask is None else context_mask[None, :])
+    logits = lambda_softmax * sbar
+    if context_mask is not None:
+        logits = logits.masked_fill(~context_mask[None, :], float("-inf"))
+    return logits.softmax(dim=0) @ context
+
+
+def _attend_no_lambda(query, context, lambda_softmax, context_mask=None):
+    return ref.attend(query, context, 1.0, context_mask)
+
+
+def _attend_raw_cosines(query, context, lambda_softmax, context_mask=None):
+    logits = lambda_softmax * (query @ context.T)
+    if context_mask is not None:
+        logits = logits.masked_fill(~context_mask[None, :], float("-inf"))
+    return logits.softmax(dim=1) @ context
+
+
+ATTEND_HINTS = (
+    Hint("the attention weights of each query must sum to 1 over the context (softmax over dim=1, "
+         "the context items), not over the queries", _attend_softmax_over_queries),
+    Hint("lambda_softmax is missing: it multiplies the normalised similarities before the softmax",
+         _attend_no_lambda),
+    Hint("the raw cosines went into the softmax: SCAN first clips them at 0 (leaky ReLU) and "
+         "l2-normalises them over the queries", _attend_raw_cosines),
+)
 
 
 def check_attend(fn: Callable) -> Callable:
@@ -34,7 +64,35 @@ def check_attend(fn: Callable) -> Callable:
     ]
     hidden = [Case("h", (_unit(7, 16, g=g), _unit(11, 16, g=g), 6.0)),
               Case("h", (_unit(2, 4, g=g), _unit(5, 4, g=g), 20.0), {"context_mask": mask})]
-    return run_exercise(EXERCISES[0], fn, ref.attend, cases, hidden)
+    return run_exercise(EXERCISES[0], fn, ref.attend, cases, hidden, hints=ATTEND_HINTS)
+
+
+def _pool_lse_no_division(kind, r, *args, mask=None):
+    if kind != "lse":
+        return ref.pool_avg(r, mask=mask)
+    lam = args[0]
+    x = lam * r if mask is None else (lam * r).masked_fill(~mask, float("-inf"))
+    return torch.logsumexp(x, dim=-1)
+
+
+def _pool_mask_ignored(kind, r, *args, mask=None):
+    return ref.pool_lse(r, *args) if kind == "lse" else ref.pool_avg(r)
+
+
+def _pool_avg_over_all(kind, r, *args, mask=None):
+    if kind == "lse":
+        return ref.pool_lse(r, *args, mask=mask)
+    return (r if mask is None else r * mask).mean(-1)
+
+
+POOLING_HINTS = (
+    Hint("LSE pooling divides by lambda at the end: log(sum exp(lambda r)) / lambda",
+         _pool_lse_no_division),
+    Hint("the mask is ignored: padded words must not count (-inf before logsumexp, left out of "
+         "the mean)", _pool_mask_ignored),
+    Hint("the masked mean divides by every position: divide by the number of unmasked ones",
+         _pool_avg_over_all),
+)
 
 
 def check_pooling(lse: Callable, avg: Callable) -> tuple[Callable, Callable]:
@@ -59,8 +117,41 @@ def check_pooling(lse: Callable, avg: Callable) -> tuple[Callable, Callable]:
     hidden = [Case("h", ("lse", torch.rand(2, 4, 7, generator=g), 20.0)),
               Case("h", ("avg", torch.rand(2, 4, 7, generator=g))),
               Case("h", ("avg", r), {"mask": mask})]
-    chosen = run_exercise(EXERCISES[1], both, reference, cases, hidden)
+    chosen = run_exercise(EXERCISES[1], both, reference, cases, hidden, hints=POOLING_HINTS)
     return (lse, avg) if chosen is both else (ref.pool_lse, ref.pool_avg)
+
+
+def _triplet_with_diagonal(scores, margin=0.2, max_violation=True, img_ids=None):
+    pos = scores.diag()
+    cost_cap = (margin + scores - pos[:, None]).clamp(min=0)
+    cost_img = (margin + scores - pos[None, :]).clamp(min=0)
+    if max_violation:
+        return (cost_cap.max(dim=1).values + cost_img.max(dim=0).values).mean()
+    return (cost_cap.sum(dim=1) + cost_img.sum(dim=0)).mean()
+
+
+def _triplet_captions_only(scores, margin=0.2, max_violation=True, img_ids=None):
+    pos = scores.diag()
+    b = scores.shape[0]
+    same = torch.eye(b, dtype=torch.bool)
+    if img_ids is not None:
+        same = same | (img_ids[:, None] == img_ids[None, :])
+    cost_cap = (margin + scores - pos[:, None]).clamp(min=0).masked_fill(same, 0.0)
+    return (cost_cap.max(dim=1).values if max_violation else cost_cap.sum(dim=1)).mean()
+
+
+def _triplet_sum_not_max(scores, margin=0.2, max_violation=True, img_ids=None):
+    return ref.hardest_negative_triplet_loss(scores, margin, False, img_ids) if max_violation else None
+
+
+TRIPLET_HINTS = (
+    Hint("the positive pairs (the diagonal) are counted among the negatives: mask them out "
+         "(and pairs that share an image) before taking the hardest", _triplet_with_diagonal),
+    Hint("only one direction is there: the loss adds the hardest caption for each image and the "
+         "hardest image for each caption", _triplet_captions_only),
+    Hint("the violations are summed: with max_violation=True only the hardest negative counts",
+         _triplet_sum_not_max),
+)
 
 
 def check_triplet_loss(fn: Callable) -> Callable:
@@ -75,7 +166,8 @@ def check_triplet_loss(fn: Callable) -> Callable:
     ]
     hidden = [Case("h", (torch.rand(16, 16, generator=g), 0.2)),
               Case("h", (torch.rand(6, 6, generator=g), 0.5), {"img_ids": torch.tensor([0, 1, 1, 2, 3, 3])})]
-    return run_exercise(EXERCISES[2], fn, ref.hardest_negative_triplet_loss, cases, hidden)
+    return run_exercise(EXERCISES[2], fn, ref.hardest_negative_triplet_loss, cases, hidden,
+                        hints=TRIPLET_HINTS)
 
 
 def _cmp_recall(got, expected) -> str | None:
@@ -89,6 +181,22 @@ def _cmp_recall(got, expected) -> str | None:
         if msg:
             return msg
     return None
+
+
+def _recall_fractions(sims, cap_to_img, ks=(1, 5, 10)):
+    return {k: v / 100 for k, v in ref.recall_at_k(sims, cap_to_img, ks).items()}
+
+
+def _recall_swapped(sims, cap_to_img, ks=(1, 5, 10)):
+    out = ref.recall_at_k(sims, cap_to_img, ks)
+    return {k: out[k.replace("i2t", "t2i") if "i2t" in k else k.replace("t2i", "i2t")] for k in out}
+
+
+RECALL_HINTS = (
+    Hint("R@K is a percentage: multiply the share of queries by 100", _recall_fractions),
+    Hint("the two directions are swapped: i2t ranks the captions for each image (a row of sims), "
+         "t2i the images for each caption (a column)", _recall_swapped),
+)
 
 
 def check_recall_at_k(fn: Callable) -> Callable:
@@ -105,7 +213,24 @@ def check_recall_at_k(fn: Callable) -> Callable:
     ]
     hidden = [Case("h", (torch.rand(30, 150, generator=g), torch.arange(30).repeat_interleave(5), (1, 3, 10)),
                    compare=_cmp_recall)]
-    return run_exercise(EXERCISES[3], fn, ref.recall_at_k, cases, hidden)
+    return run_exercise(EXERCISES[3], fn, ref.recall_at_k, cases, hidden, hints=RECALL_HINTS)
+
+
+def _matchmap_swapped(mm, agg, word_mask=None):
+    other = {"misa": "sima", "sima": "misa"}.get(agg, agg)
+    return mm_ref.matchmap_score(mm, other, word_mask)
+
+
+def _matchmap_mask_ignored(mm, agg, word_mask=None):
+    return mm_ref.matchmap_score(mm, agg)
+
+
+MATCHMAP_HINTS = (
+    Hint("MISA and SIMA are swapped: MISA takes each word's best cell and averages over the words; "
+         "SIMA takes each cell's best word and averages over the cells", _matchmap_swapped),
+    Hint("padded words are counted: leave out the words where word_mask is False (from the mean, "
+         "and from SIMA's max)", _matchmap_mask_ignored),
+)
 
 
 def check_matchmap_score(fn: Callable) -> Callable:
@@ -118,7 +243,7 @@ def check_matchmap_score(fn: Callable) -> Callable:
               Case("SIMA with padded words", (mm, "sima"), {"word_mask": mask})]
     hidden = [Case("h", (torch.randn(3, 5, 4, 6, generator=g), a)) for a in mm_ref.AGGREGATORS]
     hidden.append(Case("h", (mm, "sisa"), {"word_mask": mask}))
-    return run_exercise(EXERCISES[4], fn, mm_ref.matchmap_score, cases, hidden)
+    return run_exercise(EXERCISES[4], fn, mm_ref.matchmap_score, cases, hidden, hints=MATCHMAP_HINTS)
 
 
 # What an exercise re-implements in a library: calling it from the exercise scores 0.

@@ -12,9 +12,53 @@ import torch
 from torch import nn
 
 from .. import query_agnostic as ref
-from . import Case, run_exercise
+from . import Case, Hint, run_exercise
 
 EXERCISES = ["5.1 keep_regions", "5.2 decoder_block", "5.3 contrastive_loss"]
+
+
+def _keep_pixels(boxes, image_size, alpha):
+    area = (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    return area > alpha
+
+
+def _keep_at_least(boxes, image_size, alpha):
+    area = (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    return area / float(image_size) ** 2 >= alpha
+
+
+KEEP_HINTS = (
+    Hint("alpha is a fraction of the image: divide each box's area by the image's area first",
+         _keep_pixels),
+    Hint("the rule is strict, Area / Area(image) > alpha: with alpha = 0 a box of zero area is "
+         "not kept", _keep_at_least),
+)
+
+
+def _contrastive_one_way(img, txt, temperature, img_ids=None):
+    logits = img @ txt.T / temperature
+    if img_ids is not None:
+        same = (img_ids[:, None] == img_ids[None, :]) & ~torch.eye(len(img_ids), dtype=torch.bool)
+        logits = logits.masked_fill(same, float("-inf"))
+    return nn.functional.cross_entropy(logits, torch.arange(len(img)))
+
+
+def _contrastive_times_temperature(img, txt, temperature, img_ids=None):
+    return ref.contrastive_loss(img, txt, 1.0 / temperature, img_ids)
+
+
+def _contrastive_no_id_mask(img, txt, temperature, img_ids=None):
+    return ref.contrastive_loss(img, txt, temperature, None) if img_ids is not None else None
+
+
+CONTRASTIVE_HINTS = (
+    Hint("only one direction: the symmetric loss averages image -> text and text -> image "
+         "cross-entropies", _contrastive_one_way),
+    Hint("the similarities are multiplied by the temperature: logits = similarity / temperature",
+         _contrastive_times_temperature),
+    Hint("captions of the same image are used as negatives of each other: mask the pairs that "
+         "share an image (img_ids), the diagonal excepted", _contrastive_no_id_mask),
+)
 
 
 def check_keep_regions(fn: Callable) -> Callable:
@@ -30,7 +74,37 @@ def check_keep_regions(fn: Callable) -> Callable:
         Case("a batch (2, 6, 4) of random boxes, 64 px", (rand, 64, 0.02)),
     ]
     hidden = [Case("h", (rand, 64, 0.05)), Case("h", (boxes, 20, 0.1))]
-    return run_exercise(EXERCISES[0], fn, ref.keep_regions, cases, hidden)
+    return run_exercise(EXERCISES[0], fn, ref.keep_regions, cases, hidden, hints=KEEP_HINTS)
+
+
+def _decoder_parts(image, regions, keep, ln_q, ln_kv, attn, use_keep=True):
+    q, kv = ln_q(image).unsqueeze(1), ln_kv(regions)
+    empty = ~keep.any(dim=1)
+    pad = (~keep & ~empty[:, None]) if use_keep else None
+    att, _ = attn(q, kv, kv, key_padding_mask=pad, need_weights=False)
+    return att.squeeze(1).masked_fill(empty[:, None], 0.0) if use_keep else att.squeeze(1)
+
+
+def _decoder_no_ffn_residual(image, regions, keep, ln_q, ln_kv, attn, ffn):
+    return ffn(image + _decoder_parts(image, regions, keep, ln_q, ln_kv, attn))
+
+
+def _decoder_no_attention_residual(image, regions, keep, ln_q, ln_kv, attn, ffn):
+    y = _decoder_parts(image, regions, keep, ln_q, ln_kv, attn)
+    return y + ffn(y)
+
+
+def _decoder_keep_ignored(image, regions, keep, ln_q, ln_kv, attn, ffn):
+    y = image + _decoder_parts(image, regions, keep, ln_q, ln_kv, attn, use_keep=False)
+    return y + ffn(y)
+
+
+DECODER_HINTS = (
+    Hint("the FFN's residual is missing: Y_hat = Y + FFN(Y)", _decoder_no_ffn_residual),
+    Hint("the attention's residual is missing: Y = I + MHSA(...)", _decoder_no_attention_residual),
+    Hint("the regions the object prior skipped were attended to: pass them as key_padding_mask "
+         "(True = ignore)", _decoder_keep_ignored),
+)
 
 
 def check_decoder_block(fn: Callable) -> Callable:
@@ -53,7 +127,8 @@ def check_decoder_block(fn: Callable) -> Callable:
     hidden = [Case("h", (torch.randn(4, d, generator=g), torch.randn(4, 7, d, generator=g),
                          torch.rand(4, 7, generator=g) > 0.4, *layers))]
     with torch.no_grad():
-        return run_exercise(EXERCISES[1], fn, ref.decoder_block, cases, hidden, atol=1e-5)
+        return run_exercise(EXERCISES[1], fn, ref.decoder_block, cases, hidden, atol=1e-5,
+                            hints=DECODER_HINTS)
 
 
 def check_contrastive_loss(fn: Callable) -> Callable:
@@ -69,4 +144,4 @@ def check_contrastive_loss(fn: Callable) -> Callable:
         Case("pairs 0 and 1 share an image", (unit(4, 8), unit(4, 8), 0.1), {"img_ids": torch.tensor([0, 0, 1, 2])}),
     ]
     hidden = [Case("h", (unit(16, 32), unit(16, 32), 0.05))]
-    return run_exercise(EXERCISES[2], fn, ref.contrastive_loss, cases, hidden)
+    return run_exercise(EXERCISES[2], fn, ref.contrastive_loss, cases, hidden, hints=CONTRASTIVE_HINTS)

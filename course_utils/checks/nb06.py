@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..clip import wordspotting as ref
-from . import Case, compare, hide_values, run_exercise
+from . import Case, Hint, compare, hide_values, run_exercise
 
 EXERCISES = ["6.1 word_image_probabilities", "6.2 soft_confusion", "6.3 normalised_similarity_entropy"]
 
@@ -32,6 +32,28 @@ def _random_PY(g: torch.Generator, n: int, m: int, k: int, scale: float = 20.0) 
     return P, Y
 
 
+def _softmax_over_images(image_emb, text_emb, logit_scale=100.0):
+    return (logit_scale * image_emb @ text_emb.T).softmax(dim=0)
+
+
+def _no_scale(image_emb, text_emb, logit_scale=100.0):
+    return (image_emb @ text_emb.T).softmax(dim=-1)
+
+
+def _sigmoid_not_softmax(image_emb, text_emb, logit_scale=100.0):
+    return (logit_scale * image_emb @ text_emb.T).sigmoid()
+
+
+WORD_PROB_HINTS = (
+    Hint("each row must sum to 1: the softmax runs over the words (dim=-1), one distribution per "
+         "image, not over the images", _softmax_over_images),
+    Hint("the logit scale is missing: multiply the cosine similarities by logit_scale before the "
+         "softmax", _no_scale),
+    Hint("a sigmoid gives each word its own probability; here the words of a row compete (softmax)",
+         _sigmoid_not_softmax),
+)
+
+
 def check_word_image_probabilities(fn: Callable) -> Callable:
     """Exercise 6.1: ``word_image_probabilities(image_emb (n, d), text_emb (m, d), logit_scale) -> P (n, m)``."""
     g = torch.Generator().manual_seed(601)
@@ -46,7 +68,8 @@ def check_word_image_probabilities(fn: Callable) -> Callable:
     ]
     hidden = [Case("h", (_unit(g, 7, 32), _unit(g, 300, 32), 100.0)),
               Case("h", (_unit(g, 4, 8), _unit(g, 1, 8), 3.0))]
-    return run_exercise(EXERCISES[0], fn, ref.word_image_probabilities, cases, hidden)
+    return run_exercise(EXERCISES[0], fn, ref.word_image_probabilities, cases, hidden,
+                        hints=WORD_PROB_HINTS)
 
 
 def _compare_counts(got, expected) -> str | None:
@@ -60,6 +83,37 @@ def _compare_counts(got, expected) -> str | None:
         if msg:
             return msg
     return None
+
+
+def _confusion(P, Y, ratio):
+    P = P.double()
+    pos, neg = ratio(P, Y), ratio(P, ~Y)
+    n_pos, n_neg = Y.sum(1).double(), (~Y).sum(1).double()
+    tp, fp = pos.sum(1), neg.sum(1)
+    return {"tp": tp, "fn": n_pos - tp, "fp": fp, "tn": n_neg - fp}
+
+
+def _confusion_raw(P, Y):
+    return _confusion(P, Y, lambda P, m: P.masked_fill(~m, 0.0))
+
+
+def _confusion_global_peak(P, Y):
+    return _confusion(P, Y, lambda P, m: P.masked_fill(~m, 0.0) / P.max(dim=1, keepdim=True).values)
+
+
+def _confusion_swapped(P, Y):
+    c = ref.soft_confusion(P, Y)
+    return {"tp": c["tp"], "fn": c["fn"], "fp": c["tn"], "tn": c["fp"]}
+
+
+CONFUSION_HINTS = (
+    Hint("the probabilities are summed as they are: Eq. 2.3.10-2.3.13 divide each by the largest "
+         "probability of its group (positives, or negatives) first", _confusion_raw),
+    Hint("each group is divided by the image's overall largest probability: the positives by "
+         "their own peak, the negatives by theirs", _confusion_global_peak),
+    Hint("fp and tn are swapped: the negatives' scaled probabilities are false positives, the "
+         "rest of the negatives true negatives", _confusion_swapped),
+)
 
 
 def check_soft_confusion(fn: Callable) -> Callable:
@@ -82,7 +136,46 @@ def check_soft_confusion(fn: Callable) -> Callable:
     ]
     hidden = [Case("h", _random_PY(g, 9, 200, 50), compare=hide_values(_compare_counts)),
               Case("h", _random_PY(g, 3, 10, 1, scale=100.0), compare=hide_values(_compare_counts))]
-    return run_exercise(EXERCISES[1], fn, ref.soft_confusion, cases, hidden)
+    return run_exercise(EXERCISES[1], fn, ref.soft_confusion, cases, hidden, hints=CONFUSION_HINTS)
+
+
+def _entropy_parts(P, Y):
+    P = P.double()
+    n_pos = Y.sum(1)
+    q = P.masked_fill(~Y, 0.0)
+    return q, n_pos
+
+
+def _entropy_not_renormalised(P, Y):
+    q, n_pos = _entropy_parts(P, Y)
+    ent = -torch.where(q > 0, q * q.clamp_min(1e-300).log(), torch.zeros_like(q)).sum(1)
+    ent = ent / n_pos.double().clamp_min(2).log()
+    return torch.where(n_pos >= 2, ent, torch.full_like(ent, float("nan")))
+
+
+def _entropy_natural_log(P, Y):
+    q, n_pos = _entropy_parts(P, Y)
+    q = q / q.sum(1, keepdim=True).clamp_min(1e-300)
+    ent = -torch.where(q > 0, q * q.clamp_min(1e-300).log(), torch.zeros_like(q)).sum(1)
+    return torch.where(n_pos >= 2, ent, torch.full_like(ent, float("nan")))
+
+
+def _entropy_base_lexicon(P, Y):
+    q, n_pos = _entropy_parts(P, Y)
+    q = q / q.sum(1, keepdim=True).clamp_min(1e-300)
+    ent = -torch.where(q > 0, q * q.clamp_min(1e-300).log(), torch.zeros_like(q)).sum(1)
+    ent = ent / torch.log(torch.tensor(float(P.shape[1]), dtype=torch.float64))
+    return torch.where(n_pos >= 2, ent, torch.full_like(ent, float("nan")))
+
+
+ENTROPY_HINTS = (
+    Hint("renormalise first: the positives' probabilities must sum to 1 before the entropy",
+         _entropy_not_renormalised),
+    Hint("the entropy is not normalised: Eq. 2.3.15 takes the log in base |W_i^+| (divide by "
+         "log of the number of positives), so that uniform gives 1", _entropy_natural_log),
+    Hint("the log base is the number of positive words |W_i^+|, not the lexicon's size",
+         _entropy_base_lexicon),
+)
 
 
 def check_normalised_similarity_entropy(fn: Callable) -> Callable:
@@ -101,7 +194,8 @@ def check_normalised_similarity_entropy(fn: Callable) -> Callable:
              expected=torch.tensor([float("nan"), 1.0])),
     ]
     hidden = [Case("h", _random_PY(g, 8, 120, 50)), Case("h", _random_PY(g, 2, 5, 2, scale=80.0))]
-    return run_exercise(EXERCISES[2], fn, ref.normalised_similarity_entropy, cases, hidden, atol=1e-5, rtol=1e-4)
+    return run_exercise(EXERCISES[2], fn, ref.normalised_similarity_entropy, cases, hidden, atol=1e-5, rtol=1e-4,
+                        hints=ENTROPY_HINTS)
 
 
 __all__ = ["EXERCISES", "check_word_image_probabilities", "check_soft_confusion", "check_normalised_similarity_entropy"]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..clip import finetune as ref
-from . import RESULTS, Case, compare, hide_values, is_package_code, run_exercise
+from . import RESULTS, Case, Hint, compare, hide_values, is_package_code, run_exercise
 
 EXERCISES = ["7.1 clip_contrastive_loss", "7.2 training_step"]
 
@@ -42,6 +42,27 @@ def _compare_losses(got, expected) -> str | None:
     return None
 
 
+def _clip_loss(image_emb, text_emb, logit_scale, *, normalise=True, summed=False, swap=False):
+    if normalise:
+        image_emb, text_emb = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
+    S = logit_scale * image_emb @ text_emb.T
+    target = torch.arange(S.shape[0])
+    li, lt = F.cross_entropy(S, target), F.cross_entropy(S.T, target)
+    if swap:
+        li, lt = lt, li
+    return {"loss": (li + lt) * (1.0 if summed else 0.5), "loss_image": li, "loss_text": lt}
+
+
+CLIP_LOSS_HINTS = (
+    Hint("embeddings not normalised: step (d) l2-normalises both before the dot products",
+         lambda *a: _clip_loss(*a, normalise=False)),
+    Hint("the two directions are added: Algorithm 1's loss is their mean, (loss_image + loss_text) / 2",
+         lambda *a: _clip_loss(*a, summed=True)),
+    Hint("loss_image and loss_text are swapped: loss_image is the cross-entropy of the rows (each "
+         "image against all texts)", lambda *a: _clip_loss(*a, swap=True)),
+)
+
+
 def check_clip_contrastive_loss(fn: Callable) -> Callable:
     """Exercise 7.1: ``clip_contrastive_loss(image_emb (B, d), text_emb (B, d), logit_scale)
     -> {"loss", "loss_image", "loss_text"}`` (scalar tensors, Eq. 2.4.1-2.4.2)."""
@@ -60,7 +81,7 @@ def check_clip_contrastive_loss(fn: Callable) -> Callable:
     hidden = [Case("h", (_unit(g, 32, 16), _unit(g, 32, 16), 100.0), compare=_compare_losses),
               Case("h", (torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g), torch.tensor(7.0)),
                    compare=_compare_losses)]
-    return run_exercise(EXERCISES[0], fn, ref.clip_contrastive_loss, cases, hidden)
+    return run_exercise(EXERCISES[0], fn, ref.clip_contrastive_loss, cases, hidden, hints=CLIP_LOSS_HINTS)
 
 
 class ToyClip(nn.Module):
@@ -120,6 +141,28 @@ def _compare_step(got, expected) -> str | None:
                    path="parameters after the step (zero the gradients, back-propagate 'loss', then step)")
 
 
+def _step_on_image_loss(model, batch, optimizer):
+    out = ref.contrastive_step(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss_image"].backward()
+    optimizer.step()
+    return {k: float(v.detach()) for k, v in out.items()}
+
+
+def _step_reports_after(model, batch, optimizer):
+    ref.training_step(model, batch, optimizer)
+    with torch.no_grad():
+        return {k: float(v) for k, v in ref.contrastive_step(model, batch).items()}
+
+
+TRAINING_STEP_HINTS = (
+    Hint("only the image loss was back-propagated: the step minimises loss, the mean of both "
+         "directions", _run_step(_step_on_image_loss)),
+    Hint("the losses were measured after the update: return the ones the update was computed from",
+         _run_step(_step_reports_after)),
+)
+
+
 def check_training_step(fn: Callable) -> Callable:
     """Exercise 7.2: ``training_step(model, batch, optimizer) -> {"loss", "loss_image", "loss_text"}``
     (floats, before the update), after one Adam update of ``model``."""
@@ -132,7 +175,7 @@ def check_training_step(fn: Callable) -> Callable:
               Case("h", (0, 5, 1e-1, 0.0), compare=hide_values(_compare_step))]
     # the cases build fresh models, so the check runs wrappers; what it hands back is the function
     run_exercise(EXERCISES[1], _run_step(fn), _run_step(ref.training_step), cases, hidden,
-                 uses_reference=fn is ref.training_step or is_package_code(fn))
+                 uses_reference=fn is ref.training_step or is_package_code(fn), hints=TRAINING_STEP_HINTS)
     return fn if _passed(EXERCISES[1]) else ref.training_step
 
 

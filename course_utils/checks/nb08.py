@@ -14,13 +14,38 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..clip import odits as ref
-from . import Case, compare, run_exercise
+from . import Case, Hint, compare, run_exercise
 
 EXERCISES = ["8.1 similarity_weighted_embeddings", "8.2 object_self_attention", "8.3 init_new_layers_"]
 
 
 def _unit(g: torch.Generator, *shape: int) -> torch.Tensor:
     return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def _swe_unnormalised(object_emb, text_emb, logit_scale):
+    P = (logit_scale * object_emb @ text_emb.T).softmax(dim=-1)
+    return P, P @ text_emb
+
+
+def _swe_softmax_over_objects(object_emb, text_emb, logit_scale):
+    cos = F.normalize(object_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
+    P = (logit_scale * cos).softmax(dim=-2)
+    return P, P @ text_emb
+
+
+def _swe_no_scale(object_emb, text_emb, logit_scale):
+    return ref.similarity_weighted_embeddings(object_emb, text_emb, 1.0)
+
+
+SWE_HINTS = (
+    Hint("the similarities are dot products of embeddings that are not unit length: normalise "
+         "both sides first (a cosine)", _swe_unnormalised),
+    Hint("each object's probabilities must sum to 1 over the words (softmax over the last axis), "
+         "not over the objects", _swe_softmax_over_objects),
+    Hint("the logit scale is missing: multiply the cosines by logit_scale before the softmax",
+         _swe_no_scale),
+)
 
 
 def check_similarity_weighted_embeddings(fn: Callable) -> Callable:
@@ -38,7 +63,28 @@ def check_similarity_weighted_embeddings(fn: Callable) -> Callable:
     ]
     hidden = [Case("h", (_unit(g, 3, 6, 32), _unit(g, 40, 32), 100.0)),
               Case("h", (2.0 * _unit(g, 1, 1, 4), _unit(g, 1, 4), 7.0))]
-    return run_exercise(EXERCISES[0], fn, ref.similarity_weighted_embeddings, cases, hidden)
+    return run_exercise(EXERCISES[0], fn, ref.similarity_weighted_embeddings, cases, hidden,
+                        hints=SWE_HINTS)
+
+
+def _self_attention(es, em, conf, valid, w_q, w_k, w_v, *, scale=True, use_conf=True, mean=True):
+    d = w_q.shape[0]
+    q, k = es @ w_q.T, es @ w_k.T
+    v = ((conf.unsqueeze(-1) * em) if use_conf else em) @ w_v.T
+    scores = q @ k.transpose(1, 2) / (math.sqrt(d) if scale else 1.0)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    out = (torch.nan_to_num(scores.softmax(dim=-1), nan=0.0) @ v) * valid.unsqueeze(-1)
+    n = valid.sum(dim=1, keepdim=True).clamp_min(1).to(out.dtype) if mean else 1.0
+    return out.sum(dim=1) / n
+
+
+SELF_ATTENTION_HINTS = (
+    Hint("the scores are not scaled: divide Q K^T by sqrt(d) before the softmax",
+         lambda *a: _self_attention(*a, scale=False)),
+    Hint("the values miss the confidences: V = (c ∘ E_M) W_v^T", lambda *a: _self_attention(*a, use_conf=False)),
+    Hint("the objects' outputs are summed: the image's vector is their mean over its valid "
+         "objects, (1/K_i) Σ_j A_j", lambda *a: _self_attention(*a, mean=False)),
+)
 
 
 def _attention_case(g: torch.Generator, B: int, K: int, d: int, valid: torch.Tensor | None = None) -> tuple:
@@ -65,7 +111,8 @@ def check_object_self_attention(fn: Callable) -> Callable:
              _attention_case(g, 2, 3, 4, torch.tensor([[True, True, False], [False, False, False]]))),
     ]
     hidden = [Case("h", _attention_case(g, 4, 6, 16)), Case("h", _attention_case(g, 1, 1, 32))]
-    return run_exercise(EXERCISES[1], fn, ref.object_self_attention, cases, hidden)
+    return run_exercise(EXERCISES[1], fn, ref.object_self_attention, cases, hidden,
+                        hints=SELF_ATTENTION_HINTS)
 
 
 # --------------------------------------------------------------------------------------------
