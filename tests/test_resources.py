@@ -44,7 +44,11 @@ def cpu_history(steps: int = 6, monitor: ResourceMonitor | None = None) -> Histo
 def test_sample_keys_and_ranges_on_cpu() -> None:
     monitor = ResourceMonitor(torch.device("cpu"))
     first = monitor.sample()
-    sum(i * i for i in range(200_000))
+    # busy for a while: process CPU times tick in 10 ms steps, and a fast machine ran a fixed
+    # loop in less than one tick (cpu_percent read 0.0)
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.3:
+        sum(i * i for i in range(10_000))
     second = monitor.sample()
     for s in (first, second):
         assert tuple(s) == RESOURCE_KEYS
