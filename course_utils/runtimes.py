@@ -58,15 +58,13 @@ def measured_seconds(notebook: str, profile: str, *, from_scratch: bool = False,
     return None if row.get("seconds") is None else float(row["seconds"])
 
 
-def _full_estimate(number: str, results_dir: Path | None) -> dict | None:
-    data = _read("fullpath", results_dir)
-    if not data:
-        return None
+def _fullpath_row(number: str, results_dir: Path | None) -> tuple[dict, dict]:
+    """``fullpath.json`` and notebook ``number``'s row in it (empty dicts where missing)."""
+    data = _read("fullpath", results_dir) or {}
     for stem, row in data.get("metrics", {}).get("notebooks", {}).items():
-        # A notebook that failed in fullpath has no estimate ("full_estimate": null).
-        if stem.startswith(number) and "t4_minutes" in ((row or {}).get("full_estimate") or {}):
-            return row["full_estimate"]
-    return None
+        if stem.startswith(number):
+            return data, row or {}
+    return data, {}
 
 
 def _fmt(seconds: float) -> str:
@@ -79,18 +77,17 @@ def expected_runtime(notebook: str, profile: str, device: str, *,
     (``"cpu"``, ``"cuda"``, ``"mps"``), saying whether it was measured or estimated and where."""
     number = _number(notebook)
     if profile == "full" or profile == "fullpath":
-        est = _full_estimate(number, results_dir)
-        if profile == "full" and device == "cuda" and est:
+        data, row = _fullpath_row(number, results_dir)
+        # A notebook that failed in fullpath has no estimate ("full_estimate": null).
+        est = row.get("full_estimate") or {}
+        if profile == "full" and device == "cuda" and "t4_minutes" in est:
             return (f"≈ {max(1, round(est['t4_minutes']))} min on a Colab T4 GPU "
                     "(estimated from the fullpath run; no GPU measured)")
         if profile == "full" and device != "cuda":
             return "not budgeted: full is meant for a GPU (choose 'cpu' on a CPU runtime)"
-        if profile == "fullpath":
-            data = _read("fullpath", results_dir) or {}
+        if profile == "fullpath" and row.get("seconds"):
             cores = (data.get("machine") or {}).get("cpu_count", "?")
-            for stem, row in data.get("metrics", {}).get("notebooks", {}).items():
-                if stem.startswith(number) and (row or {}).get("seconds"):
-                    return f"{_fmt(row['seconds'])} measured on {cores} CPU cores (make fullpath)"
+            return f"{_fmt(row['seconds'])} measured on {cores} CPU cores (make fullpath)"
         return "not recorded for this profile"
     data = _read(f"runtimes_{profile}", results_dir)
     row = (data or {}).get("metrics", {}).get("notebooks", {}).get(number)
