@@ -264,16 +264,21 @@ _TIMING = re.compile(
 _SPEEDUP = re.compile(r"\b\d+(?:\.\d+)?\s*(?:×|x)(?![\w])", re.IGNORECASE)
 # shares of a time: "(71% of its end-to-end time)"
 _TIME_SHARE = re.compile(r"\d+(?:\.\d+)?%(?= of [^)\n]*time)")
-# A cell whose figures plot wall times or memory carries this tag; its pictures are not compared.
+# A cell that reports wall times or memory carries this tag: its pictures are not compared, and
+# neither are its decimal numbers, which are times in tables whose header holds the unit
+# ("SCAN s", "seconds") or ratios of times.
 TIMINGS_TAG = "timings"
+_DECIMAL = re.compile(r"\d*\.\d+")
 
 
-def normalise_text(text: str, cache: str | None = None) -> str:
-    """``text`` with wall times, speeds and the cache folder masked."""
+def normalise_text(text: str, cache: str | None = None, timings: bool = False) -> str:
+    """``text`` with wall times, speeds and the cache folder masked (every decimal if ``timings``)."""
     if cache:
         text = text.replace(cache, "<cache>")
     text = _TIME_SHARE.sub("<share>", _TIMING.sub("<time>", text))
     text = _SPEEDUP.sub("<speed-up>", text)
+    if timings:
+        text = _DECIMAL.sub("<time>", text)
     # column padding follows the width of the (masked) times
     return "\n".join(" ".join(line.split()) for line in text.splitlines())
 
@@ -281,10 +286,13 @@ def normalise_text(text: str, cache: str | None = None) -> str:
 def output_digest(nb: nbformat.NotebookNode, cache: str | None = None) -> list[tuple[int, str, str]]:
     """``(cell index, kind, normalised content)`` of every cell's stdout, results and figures."""
     rows: dict[tuple[int, str], list[str]] = {}
+    timing_cells = set()
     for index, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
         timings = TIMINGS_TAG in cell.get("metadata", {}).get("tags", [])
+        if timings:
+            timing_cells.add(index)
         for output in cell.get("outputs", []):
             kind = output.get("output_type")
             data = output.get("data", {})
@@ -297,7 +305,8 @@ def output_digest(nb: nbformat.NotebookNode, cache: str | None = None) -> list[t
                 rows.setdefault((index, "image/png"), []).append(digest + "\n")
             elif kind in ("execute_result", "display_data") and "text/plain" in data:
                 rows.setdefault((index, "text/plain"), []).append(data["text/plain"] + "\n")
-    return [(i, k, normalise_text("".join(v), cache)) for (i, k), v in rows.items()]
+    return [(i, k, normalise_text("".join(v), cache, timings=i in timing_cells))
+            for (i, k), v in rows.items()]
 
 
 def compare_runs(a: Path, b: Path) -> list[str]:

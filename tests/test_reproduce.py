@@ -24,13 +24,15 @@ def _png(colour: int) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _executed(folder: Path, lines: list[str], colour: int = 0, timing_colour: int = 0) -> Path:
+def _executed(folder: Path, lines: list[str], colour: int = 0, timing_colour: int = 0,
+              timing_table: str = "images  SCAN s  ratio\n  1000   19.15   76.8x\n") -> Path:
     """A folder like ``--out``: one executed notebook whose first cell printed ``lines``."""
     folder.mkdir(parents=True)
     cells = [new_code_cell("print(...)", outputs=[new_output("stream", name="stdout", text=t) for t in lines]),
              new_code_cell("plot()", outputs=[new_output("display_data", data={"image/png": _png(colour)})]),
              new_code_cell("plot_times()", metadata={"tags": [reproduce.TIMINGS_TAG]},
-                           outputs=[new_output("display_data", data={"image/png": _png(timing_colour)})])]
+                           outputs=[new_output("stream", name="stdout", text=timing_table),
+                                    new_output("display_data", data={"image/png": _png(timing_colour)})])]
     nbformat.write(new_notebook(cells=cells), folder / "01_demo.ipynb")
     return folder
 
@@ -41,6 +43,17 @@ def test_compare_ignores_timings_cache_paths_and_stream_splits(tmp_path):
     b = _executed(tmp_path / "b", [f"loaded from {tmp_path / 'b' / 'cache'}/runs/x\nR@1 26.8  trained in 9.1 s,"
                                    " 512 images/s    5.0x faster\n"], timing_colour=200)
     assert reproduce.compare_runs(a, b) == []
+
+
+def test_compare_masks_bare_seconds_only_in_timings_cells(tmp_path):
+    # a speed table whose unit is in its header: decimals are times there, not elsewhere
+    a = _executed(tmp_path / "a", ["R@1 26.8\n"], timing_table="SCAN s  query-agnostic s\n 19.22  0.003\n")
+    b = _executed(tmp_path / "b", ["R@1 26.8\n"], timing_table="SCAN s  query-agnostic s\n 18.90  0.005\n")
+    assert reproduce.compare_runs(a, b) == []
+    c = _executed(tmp_path / "c", ["R@1 26.8\n"], timing_table="images\n 2000\n")
+    assert "cell 2 stdout" in reproduce.compare_runs(a, c)[0]  # counts are still compared
+    d = _executed(tmp_path / "d", ["R@1 0.003\n"], timing_table="SCAN s  query-agnostic s\n 19.22  0.003\n")
+    assert "cell 0 stdout" in reproduce.compare_runs(a, d)[0]
 
 
 @pytest.mark.parametrize("change", ["number", "figure"])
