@@ -217,12 +217,34 @@ def estimate_05(cfg: Config) -> Estimate:
         flops, saved = quadratic_probe(cost, 4, 8, int(r.batch_size))
         phases.append(Phase(f"train query-agnostic ({level})", math.ceil(r.n_train * per_image / int(r.batch_size))
                             * int(r.qa_epochs), flops, state_bytes(qa, 2) + saved))
+    # section 4.1's ablation: without a saved table the notebook trains qa_ablation_live rows.
+    # Each row is costed as the base model's step (fine or coarse) times its epochs, and times the
+    # square of the embedding ratio or the block count where those change (the linear layers dominate).
+    from course_utils.recipes.qa_ablation import qa_ablation_rows
+
+    base = {p.name: p for p in phases if p.name.startswith("train query-agnostic")}
+    steps, flops = 0.0, 0.0
+    for row in qa_ablation_rows(dict(r))[1:1 + int(r.qa_ablation_live)]:
+        level = "coarse" if row["text_level"] == "coarse" else "fine"
+        if row["text_level"] == "coarse" and not row["knobs"]:
+            continue  # section 4's whole-caption model, already costed above
+        b = base[f"train query-agnostic ({level})"]
+        k = row["knobs"]
+        scale = (k.get("embed_dim", r.embed_dim) / r.embed_dim) ** 2 * k.get("qa_layers", 1)
+        n = b.steps * k.get("qa_epochs", r.qa_epochs) / int(r.qa_epochs)
+        steps += n
+        flops += n * b.flops_per_step * scale
+    if steps:
+        fine = base["train query-agnostic (fine)"]
+        phases.append(Phase("query-agnostic ablation rows (section 4.1)", math.ceil(steps), flops / steps,
+                            fine.gpu_bytes * 4))
     # speed race: SCAN scores every (image, caption) pair of each gallery size, three rounds at 1000
     scan_eval = next(p for p in phases if p.name.startswith("SCAN rows: evaluate"))
     per_pair = scan_eval.flops_per_step * scan_eval.steps / (r.n_test * r.n_test * data["phrases_per_image"])
     pairs = (3 * r.n_test + sum(r.speed_gallery_sizes)) * r.n_test * data["phrases_per_image"]
     phases.append(Phase("speed race (SCAN side)", 1, per_pair * pairs, scan_eval.gpu_bytes))
-    return Estimate("05", phases, disk_bytes=5 * int(r.epochs) * 30e6 + 2 * int(r.qa_epochs) * 60e6)
+    n_rows = len(qa_ablation_rows(dict(r))[1:1 + int(r.qa_ablation_live)])
+    return Estimate("05", phases, disk_bytes=5 * int(r.epochs) * 30e6 + (2 + n_rows) * int(r.qa_epochs) * 60e6)
 
 
 def _vit() -> torch.nn.Module:

@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     notebooks = args.notebooks or sorted((REPO_ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
     rows, failed = {}, []
+    results_dir = Path(args.results_dir) if args.results_dir else REPO_ROOT / "benchmarks" / "results"
+    if args.notebooks and (results_dir / "fullpath.json").exists():
+        # a run of some notebooks keeps the others' rows (in the notebooks' order below)
+        rows = dict(json.loads((results_dir / "fullpath.json").read_text())["metrics"]["notebooks"])
     for nb in notebooks:
         number = nb.name[:2]
         print(f"== {nb.name} (fullpath)", flush=True)
@@ -139,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{est['host_gb']} GB host, {est['disk_gb']} GB disk"
                   + (f"  OVER {est['over_limits']}" if est["over_limits"] else ""), flush=True)
         rows[nb.stem] = row
+    rows = dict(sorted(rows.items()))
     total = round(sum(r.get("seconds", 0) for r in rows.values()), 1)
     table = [{"notebook": stem[:2], "experiment": "full profile on a Colab T4 (estimated, no GPU measured)",
               "metric": "minutes / GPU GiB / host GB / disk GB",

@@ -38,12 +38,28 @@ class ReportError(ValueError):
     """A malformed result file or README (the message names the file and what is wrong)."""
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the architecture where that is not readable.
+
+    Recorded because training on one thread is bit-for-bit repeatable on one kind of CPU, not
+    across kinds: other vector instructions round differently, and a long training run amplifies
+    that into different last digits."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, Any]:
-    """Where a number was measured: OS, CPU count, Python and torch versions, device."""
+    """Where a number was measured: OS, CPU model and count, Python and torch versions, device."""
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
     }

@@ -90,6 +90,9 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # course_utils.recipes.retrieval_data); the first one present replaces the scenes in the
         # SCAN grid and the query-agnostic model (n_train/n_val/n_test then do not apply: the
         # Karpathy splits are used whole).  Absent: one line says so and the scenes are used.
+        # qa_ablation_live: how many of notebook 05's ablation rows (beyond its own model) the
+        # notebook trains when no saved table exists; in full none (all twelve were estimated at
+        # about 48 more minutes on a T4): RUN_ABLATION = True or benchmarks/retrieval.py trains them.
         "retrieval": dict(real_data=("f30k", "coco"), image_size=224, n_train=3000, n_val=1000, n_test=1000,
                           min_objects=3, max_objects=5, small_size=(24, 34), large_size=(52, 72),
                           k_fine=36, backbone_channels=64, backbone_epochs=4, feat_pool=2,
@@ -97,7 +100,8 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                           margin=0.2, lambda_softmax_t2i=9.0, lambda_softmax_i2t=4.0,
                           lambda_lse=6.0, warmup_epochs=1, eval_shard=(100, 1000),
                           loop_images=100, loop_captions=100,
-                          qa_alpha=0.01, qa_heads=8, qa_epochs=8, qa_lr=5e-4,
+                          qa_alpha=0.01, qa_heads=8, qa_epochs=24, qa_lr=5e-4, qa_layers=1, qa_ffn_norm=False, qa_loss="infonce",
+                          qa_ablation_live=0,
                           speed_gallery_sizes=(250, 500, 1000, 2000, 5000),
                           mm_epochs=4, mm_impostors=1, mm_loss="contrastive", mm_batch_size=32,
                           mm_margin=0.2, mm_temperature=0.1),
@@ -148,7 +152,8 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                           margin=0.2, lambda_softmax_t2i=9.0, lambda_softmax_i2t=4.0,
                           lambda_lse=6.0, warmup_epochs=1, eval_shard=(100, 1000),
                           loop_images=40, loop_captions=40,
-                          qa_alpha=0.01, qa_heads=4, qa_epochs=8, qa_lr=1e-3,
+                          qa_alpha=0.01, qa_heads=4, qa_epochs=24, qa_lr=1e-3, qa_layers=1, qa_ffn_norm=False, qa_loss="infonce",
+                          qa_ablation_live=20,
                           speed_gallery_sizes=(250, 500, 1000, 2000),
                           mm_epochs=2, mm_impostors=1, mm_loss="contrastive", mm_batch_size=16,
                           mm_margin=0.2, mm_temperature=0.1),
@@ -185,7 +190,8 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                           margin=0.2, lambda_softmax_t2i=9.0, lambda_softmax_i2t=4.0,
                           lambda_lse=6.0, warmup_epochs=0, eval_shard=(16, 64),
                           loop_images=6, loop_captions=8,
-                          qa_alpha=0.01, qa_heads=2, qa_epochs=1, qa_lr=1e-3,
+                          qa_alpha=0.01, qa_heads=2, qa_epochs=1, qa_lr=1e-3, qa_layers=1, qa_ffn_norm=False, qa_loss="infonce",
+                          qa_ablation_live=20,
                           speed_gallery_sizes=(6, 12, 24, 48),
                           mm_epochs=1, mm_impostors=1, mm_loss="contrastive", mm_batch_size=8,
                           mm_margin=0.2, mm_temperature=0.1),

@@ -11,7 +11,9 @@ image once, independently of any query:
 
       q = LN(I),  k = v = LN(X),  Y = I + MHSA(q, k, v),  Y_hat = Y + FFN(Y)
 
-  (:class:`DecoderBlock`);
+  (:class:`DecoderBlock`), with ``FFN(Y) = W2 GELU(W1 Y)`` as the poster writes it.  A
+  transformer's usual pre-norm FFN(LN(Y)) is the ablation ``ffn_norm=True`` (notebook 05);
+  ``layers`` blocks can be stacked, each one's output the next one's query;
 * a caption is one vector (the bi-GRU's word features of its noun phrases, averaged), and training is contrastive
   (:func:`contrastive_loss`).
 
@@ -82,32 +84,43 @@ def decoder_block(image: torch.Tensor, regions: torch.Tensor, keep: torch.Tensor
 
 
 class DecoderBlock(nn.Module):
-    """:func:`decoder_block` with its layers: ``(B, d), (B, k, d), (B, k) -> (B, d)``."""
+    """:func:`decoder_block` with its layers: ``(B, d), (B, k, d), (B, k) -> (B, d)``.
 
-    def __init__(self, dim: int, heads: int, ffn_mult: int = 4):
+    ``ffn`` is ``Linear(d, m d) -> GELU -> Linear(m d, d)``: the poster's ``Y_hat = Y + FFN(Y)``.
+    ``ffn_norm=True`` puts a LayerNorm first (``Y + FFN(LN(Y))``, a pre-norm transformer's
+    layout), kept as an ablation of notebook 05.
+    """
+
+    def __init__(self, dim: int, heads: int, ffn_mult: int = 4, ffn_norm: bool = False):
         super().__init__()
+        if dim % heads:
+            raise ValueError(f"DecoderBlock: dim={dim} is not divisible by heads={heads}")
         self.ln_q, self.ln_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.ffn = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ffn_mult * dim), nn.GELU(),
-                                 nn.Linear(ffn_mult * dim, dim))
+        ffn = [nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim)]
+        self.ffn = nn.Sequential(*([nn.LayerNorm(dim)] if ffn_norm else []), *ffn)
 
     def forward(self, image: torch.Tensor, regions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         return decoder_block(image, regions, keep, self.ln_q, self.ln_kv, self.attn, self.ffn)
 
 
 class QueryAgnostic(nn.Module):
-    """Image tower (global + kept regions -> decoder block) and caption tower (bi-GRU, mean).
+    """Image tower (global + kept regions -> decoder block(s)) and caption tower (bi-GRU, mean).
 
     ``encode_image(global (B, F), regions (B, k, F), keep (B, k)) -> (B, d)`` and
     ``encode_text(tokens (B, L), lengths (B,)) -> (B, d)``, both l2-normalised.
+    ``layers`` decoder blocks are applied in turn (the first one's query is the image embedding);
+    ``ffn_norm`` as in :class:`DecoderBlock`.
     """
 
     def __init__(self, feat_dim: int, vocab_size: int, word_dim: int, embed_dim: int, heads: int,
-                 temperature: float = 0.05):
+                 temperature: float = 0.05, layers: int = 1, ffn_norm: bool = False):
         super().__init__()
+        if layers < 1:
+            raise ValueError(f"QueryAgnostic: layers must be >= 1, got {layers}")
         self.global_proj = nn.Linear(feat_dim, embed_dim)
         self.region_proj = nn.Linear(feat_dim, embed_dim)
-        self.block = DecoderBlock(embed_dim, heads)
+        self.blocks = nn.ModuleList(DecoderBlock(embed_dim, heads, ffn_norm=ffn_norm) for _ in range(layers))
         self.txt = CaptionEncoder(vocab_size, word_dim, embed_dim, bidirectional=True)
         self.temperature = temperature
 
@@ -115,7 +128,10 @@ class QueryAgnostic(nn.Module):
         if regions.ndim != 3 or global_feat.ndim != 2:
             raise ValueError(f"expected global (B, F) and regions (B, k, F), got {tuple(global_feat.shape)} "
                              f"and {tuple(regions.shape)}")
-        return l2norm(self.block(self.global_proj(global_feat), self.region_proj(regions), keep))
+        y, x = self.global_proj(global_feat), self.region_proj(regions)
+        for block in self.blocks:
+            y = block(y, x, keep)
+        return l2norm(y)
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return l2norm(mean_words(self.txt.packed_words(tokens, lengths)))

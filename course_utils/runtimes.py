@@ -22,6 +22,12 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
+def read_result(name: str, results_dir: Path | None = None) -> dict | None:
+    """``benchmarks/results/<name>.json`` as a dict (``profile``, ``metrics``, ...), or None when
+    it is missing or unreadable (a non-editable install has no ``benchmarks/`` folder)."""
+    return _read(name, results_dir)
+
+
 def _read(name: str, results_dir: Path | None) -> dict | None:
     path = Path(results_dir or RESULTS_DIR) / f"{name}.json"
     try:

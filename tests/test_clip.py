@@ -113,6 +113,23 @@ def test_threshold_confusion_by_hand():
     assert c["fp"].tolist() == [0, 1] and c["tn"].tolist() == [2, 2]
     with pytest.raises(ValueError, match=r"thresholds: expected shape \(4,\)"):
         ws.threshold_confusion(P2, Y2, th[:3])
+    # one threshold per entry gives the same counts as the per-word ones broadcast
+    per_entry = th[None, :].expand(P2.shape[0], -1)
+    c2 = ws.threshold_confusion(P2, Y2, per_entry)
+    assert all(torch.equal(c2[k], c[k]) for k in c)
+
+
+def test_eq_2_3_5_literal_thresholds():
+    th = ws.youden_thresholds(P2, Y2)
+    lit = ws.eq_2_3_5_thresholds(P2, Y2)
+    n_pos = Y2.sum(1).double()
+    for i in range(P2.shape[0]):
+        for j in range(P2.shape[1]):
+            want = (1.0 / n_pos[i] - th[j]) if n_pos[i] > 0 else float("inf")
+            assert lit[i, j] == pytest.approx(float(want)), (i, j)
+    Y0 = Y2.clone()
+    Y0[1] = False  # a row without positives is never given a word
+    assert torch.isinf(ws.eq_2_3_5_thresholds(P2, Y0)[1]).all()
 
 
 def test_separable_scores_give_perfect_threshold_metrics():

@@ -103,27 +103,52 @@ def test_count_statistics() -> None:
 
 
 def test_anderson_table_matches_scipy_and_decides() -> None:
+    import inspect
     import warnings
 
     from scipy import stats
 
     counts = np.round(np.random.default_rng(0).exponential(8.0, size=300)).astype(int) + 1
-    rows = {r["distribution"]: r for r in objects.anderson_table(counts)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no FutureWarning from SciPy's deprecated interface
+        rows = {r["distribution"]: r for r in objects.anderson_table(counts)}
     assert set(rows) == {"normal", "exponential"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = stats.anderson(counts.astype(float), dist="norm")
+        ref_e = stats.anderson(counts.astype(float), dist="expon")
     assert math.isclose(rows["normal"]["statistic"], float(ref.statistic))
-    assert math.isclose(rows["normal"]["critical_value"], float(ref.critical_values[2]))  # the 5 % column
+    assert math.isclose(rows["exponential"]["statistic"], float(ref_e.statistic))
+    # the thesis's rule with the thesis's table (Stephens 1974): 1.341 / (1 + 0.6 / n)
+    assert rows["exponential"]["critical_value"] == round(1.341 / (1 + 0.6 / 300), 3)
+    assert rows["normal"]["critical_value"] == round(0.787 / (1 + 4 / 300 - 25 / 300 ** 2), 3)
     assert rows["normal"]["reject"] and rows["normal"]["decision"] == "reject H0"
     for r in rows.values():
-        assert r["reject"] == (r["statistic"] > r["critical_value"]) and r["alpha"] == 0.05
+        assert r["reject"] == (r["statistic"] > r["critical_value"]) and r["alpha"] == 0.05 and r["n"] == 300
+        assert r["same_decision"] == (r["reject"] == (r["statistic"] > r["critical_value_scipy117"]))
+    if "method" in inspect.signature(stats.anderson).parameters and hasattr(ref, "critical_values"):
+        # SciPy 1.17-1.18 still tabulate critical values: the course's copy of that table equals them
+        assert math.isclose(rows["normal"]["critical_value_scipy117"], float(ref.critical_values[2]))
+        assert math.isclose(rows["exponential"]["critical_value_scipy117"], float(ref_e.critical_values[2]))
     text = objects.format_anderson_table(list(rows.values()))
-    assert "exponential law" in text and "crit. (5 %)" in text
+    assert "exponential law" in text and "crit. 5 %" in text and "SciPy 1.17" in text
     with pytest.raises(ValueError, match="all 4 counts equal"):
         objects.anderson_table([2, 2, 2, 2])
     with pytest.raises(ValueError, match="at least 3"):
         objects.anderson_table([1, 2])
+    with pytest.raises(ValueError, match="alpha=0.2"):
+        objects.anderson_table(counts, alpha=0.2)
+
+
+def test_ad_critical_values_are_the_thesis_and_the_revised_tables() -> None:
+    # Table 3.3: H0 exponential, 5 %, n = 100 -> 1.333; SciPy 1.17's revised table -> 1.313
+    assert objects.ad_critical_value("expon", 100) == 1.333
+    assert objects.ad_critical_value("expon", 100, table="scipy1.17") == 1.313
+    assert objects.ad_critical_value("norm", 100, 0.01) == round(1.092 / (1 + 0.04 - 0.0025), 3)
+    with pytest.raises(ValueError, match="table='x'"):
+        objects.ad_critical_value("norm", 100, table="x")
+    with pytest.raises(ValueError, match="dist='gumbel'"):
+        objects.ad_critical_value("gumbel", 100)
 
 
 def test_plot_object_counts_marks_the_statistics() -> None:

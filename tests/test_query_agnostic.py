@@ -28,6 +28,7 @@ from course_utils.query_agnostic import (
     mean_words,
     score_all,
 )
+from course_utils.recipes.qa_ablation import qa_ablation_rows
 from course_utils.recipes.retrieval import (
     RetrievalData,
     query_agnostic_knobs,
@@ -57,25 +58,71 @@ def test_keep_regions_area_threshold():
         keep_regions(torch.zeros(3, 5), 10, 0.1)
 
 
+def _mhsa_by_hand(attn: torch.nn.MultiheadAttention, q: torch.Tensor, kv: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention of one query ``q (d,)`` over ``kv (k, d)`` from the layer's weights."""
+    d, h = q.shape[0], attn.num_heads
+    wq, wk, wv = attn.in_proj_weight.split(d)
+    bq, bk, bv = attn.in_proj_bias.split(d)
+    Q, K, V = (wq @ q + bq).view(h, -1), (kv @ wk.T + bk).view(-1, h, d // h), (kv @ wv.T + bv).view(-1, h, d // h)
+    logits = torch.einsum("hc,khc->hk", Q, K) / (d // h) ** 0.5
+    w = logits.masked_fill(~keep[None, :], float("-inf")).softmax(-1)
+    out = torch.einsum("hk,khc->hc", w, V).reshape(d)
+    return attn.out_proj.weight @ out + attn.out_proj.bias
+
+
+def _ffn_by_hand(ffn: torch.nn.Sequential, y: torch.Tensor) -> torch.Tensor:
+    """The poster's FFN(Y) = W2 GELU(W1 Y + b1) + b2 from the two Linear layers' weights."""
+    l1, l2 = [m for m in ffn if isinstance(m, torch.nn.Linear)]
+    return l2.weight @ torch.nn.functional.gelu(l1.weight @ y + l1.bias) + l2.bias
+
+
 def test_decoder_block_follows_the_equations():
     torch.manual_seed(0)
     blk = DecoderBlock(8, 2).eval()
+    # the poster's block: no LayerNorm inside the FFN
+    assert [type(m).__name__ for m in blk.ffn] == ["Linear", "GELU", "Linear"]
     img, reg = torch.randn(3, 8), torch.randn(3, 4, 8)
     keep = torch.tensor([[True, True, False, True], [True] * 4, [False] * 4])
-    out = blk(img, reg, keep)
-    assert out.shape == (3, 8)
-    # By hand: q = LN(I), k = v = LN(X), Y = I + MHSA, Y_hat = Y + FFN(Y).
-    q, kv = blk.ln_q(img)[:, None], blk.ln_kv(reg)
-    y0 = img[1] + blk.attn(q[1:2], kv[1:2], kv[1:2])[0][0, 0]
-    assert torch.allclose(out[1], y0 + blk.ffn(y0), atol=1e-5)
-    # Skipped regions have no influence, whatever their features.
-    reg2 = reg.clone()
-    reg2[0, 2] = 100.0
-    assert torch.allclose(blk(img, reg2, keep)[0], out[0], atol=1e-5)
-    # No region kept: no NaN, and Y = I.
-    y2 = img[2]
-    assert torch.allclose(out[2], y2 + blk.ffn(y2), atol=1e-5)
-    assert torch.isfinite(out).all()
+    with torch.no_grad():
+        out = blk(img, reg, keep)
+        assert out.shape == (3, 8)
+
+        def ln(x, layer):  # LN written out: (x - mean) / sqrt(var + eps) * gamma + beta
+            return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + layer.eps) \
+                * layer.weight + layer.bias
+
+        # q = LN(I), k = v = LN(X), Y = I + MHSA(q, k, v), Y_hat = Y + FFN(Y), every term by hand
+        for b in (0, 1):
+            y = img[b] + _mhsa_by_hand(blk.attn, ln(img[b], blk.ln_q), ln(reg[b], blk.ln_kv), keep[b])
+            assert torch.allclose(out[b], y + _ffn_by_hand(blk.ffn, y), atol=1e-5), b
+        # No region kept: no NaN, and Y = I.
+        assert torch.allclose(out[2], img[2] + _ffn_by_hand(blk.ffn, img[2]), atol=1e-5)
+        assert torch.isfinite(out).all()
+        # Skipped regions have no influence, whatever their features.
+        reg2 = reg.clone()
+        reg2[0, 2] = 100.0
+        assert torch.allclose(blk(img, reg2, keep)[0], out[0], atol=1e-5)
+
+        # the ablation's pre-norm FFN: Y_hat = Y + FFN(LN(Y))
+        pre = DecoderBlock(8, 2, ffn_norm=True).eval()
+        assert [type(m).__name__ for m in pre.ffn] == ["LayerNorm", "Linear", "GELU", "Linear"]
+        y = img[1] + _mhsa_by_hand(pre.attn, ln(img[1], pre.ln_q), ln(reg[1], pre.ln_kv), keep[1])
+        assert torch.allclose(pre(img, reg, keep)[1], y + _ffn_by_hand(pre.ffn, ln(y, pre.ffn[0])), atol=1e-5)
+    with pytest.raises(ValueError, match="not divisible by heads"):
+        DecoderBlock(10, 4)
+
+
+def test_query_agnostic_stacks_decoder_blocks():
+    torch.manual_seed(0)
+    model = QueryAgnostic(6, 20, 4, 8, 2, layers=2).eval()
+    assert len(model.blocks) == 2
+    g, r, keep = torch.randn(3, 6), torch.randn(3, 4, 6), torch.ones(3, 4, dtype=torch.bool)
+    with torch.no_grad():
+        x = model.region_proj(r)
+        y = model.blocks[1](model.blocks[0](model.global_proj(g), x, keep), x, keep)
+        assert torch.allclose(model.encode_image(g, r, keep), l2norm(y), atol=1e-6)
+    with pytest.raises(ValueError, match="layers must be >= 1"):
+        QueryAgnostic(6, 20, 4, 8, 2, layers=0)
 
 
 def test_contrastive_loss_prefers_aligned_pairs():
@@ -337,6 +384,39 @@ def test_query_agnostic_checkpoints_depend_on_its_own_knobs(tmp_path, monkeypatc
     cfg = dict(get_config("smoke").retrieval)
     root = run_dir("05_query_agnostic", query_agnostic_knobs(cfg, 0))
     assert root.parent == tmp_path / "runs" and root.name.startswith("05_query_agnostic_")
-    for knob, value in (("qa_lr", 0.5), ("qa_epochs", 7), ("qa_alpha", 0.3), ("k_fine", 5)):
+    for knob, value in (("qa_lr", 0.5), ("qa_epochs", 7), ("qa_alpha", 0.3), ("k_fine", 5), ("qa_layers", 2),
+                        ("qa_ffn_norm", True), ("qa_loss", "triplet-hardest")):
         assert run_dir("05_query_agnostic", query_agnostic_knobs(dict(cfg, **{knob: value}), 0)) != root, knob
     assert run_dir("05_query_agnostic", query_agnostic_knobs(cfg, 1)) != root
+
+
+def test_qa_ablation_rows_change_one_knob_each():
+    cfg = dict(get_config("cpu").retrieval)
+    rows = qa_ablation_rows(cfg)
+    assert rows[0]["knobs"] == {} and rows[0]["text_level"] == "fine"
+    groups = {r["group"] for r in rows}
+    assert {"training length", "region count and alpha", "decoder", "embedding size", "loss", "text tower"} <= groups
+    for r in rows[1:]:
+        assert len(r["knobs"]) + (r["text_level"] != "fine") == 1, r
+        assert all(cfg[k] != v for k, v in r["knobs"].items()), r
+    assert {r["knobs"].get("qa_loss") for r in rows} >= {"triplet-hardest", "triplet-sum"}
+    # every row is its own checkpoint folder
+    folders = {str(query_agnostic_knobs({**cfg, **r["knobs"]}, 0)) + r["text_level"] for r in rows}
+    assert len(folders) == len(rows)
+
+
+@pytest.mark.parametrize("loss", ["infonce", "triplet-hardest", "triplet-sum"])
+def test_query_agnostic_trains_with_each_loss(loss):
+    torch.manual_seed(0)
+    n, k, f = 12, 3, 6
+    g, r, keep = torch.randn(n, f), torch.randn(n, k, f), torch.ones(n, k, dtype=torch.bool)
+    tok = torch.randint(2, 20, (n, 5))
+    ln = torch.full((n,), 5)
+    model = QueryAgnostic(f, 20, 4, 8, 2)
+    hist = train_query_agnostic(model, g, r, keep, tok, ln, torch.arange(n), epochs=3, batch_size=6, lr=1e-2,
+                                progress=False, loss=loss)
+    losses = hist.train["loss"]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="expected one of"):
+        train_query_agnostic(model, g, r, keep, tok, ln, torch.arange(n), epochs=1, batch_size=6, lr=1e-2,
+                             progress=False, loss="mse")

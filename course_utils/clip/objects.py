@@ -17,8 +17,8 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +41,10 @@ from .wordspotting import positives_matrix, word_image_probabilities
 __all__ = [
     "ObjectFeatureDataset",
     "ObjectFeatures",
+    "AD_LEVELS",
+    "AD_TABLES",
+    "ad_critical_value",
+    "ad_statistic",
     "anderson_table",
     "clip_probabilities",
     "count_statistics",
@@ -247,16 +251,60 @@ def plot_object_counts(counts: Sequence[int] | np.ndarray, density: bool = False
     return ax
 
 
+#: Critical values of the Anderson-Darling statistic when the law's parameters are estimated from
+#: the sample, at the significance levels :data:`AD_LEVELS`: ``A / correction(n)``.  Two published
+#: tables are in use.  Stephens (1974), which SciPy tabulated before 1.17 and the thesis's Table 3.3
+#: used (exponential, n = 100: 1.341 / 1.006 = 1.333); and the revised values SciPy tabulates since
+#: 1.17 (normal: D'Agostino 1986; exponential at n = 100: 1.321 / 1.006 = 1.313).
+AD_LEVELS: tuple[float, ...] = (0.15, 0.10, 0.05, 0.025, 0.01)
+AD_TABLES: dict[str, dict[str, tuple[tuple[float, ...], Any]]] = {
+    "stephens1974": {"norm": ((0.576, 0.656, 0.787, 0.918, 1.092), lambda n: 1 + 4 / n - 25 / n ** 2),
+                     "expon": ((0.922, 1.078, 1.341, 1.606, 1.957), lambda n: 1 + 0.6 / n)},
+    "scipy1.17": {"norm": ((0.561, 0.631, 0.752, 0.873, 1.035), lambda n: 1 + 0.75 / n + 2.25 / n ** 2),
+                  "expon": ((0.916, 1.062, 1.321, 1.591, 1.959), lambda n: 1 + 0.6 / n)},
+}
+
+
+def ad_critical_value(dist: str, n: int, alpha: float = 0.05, table: str = "stephens1974") -> float:
+    """The Anderson-Darling critical value of ``dist`` ("norm" / "expon") for a sample of ``n`` at
+    level ``alpha`` from one of :data:`AD_TABLES`, rounded to 3 decimals as the tables print it."""
+    if table not in AD_TABLES:
+        raise ValueError(f"table={table!r}: expected one of {sorted(AD_TABLES)}")
+    if dist not in AD_TABLES[table]:
+        raise ValueError(f"dist={dist!r}: expected one of {sorted(AD_TABLES[table])}")
+    k = next((i for i, a in enumerate(AD_LEVELS) if math.isclose(a, alpha)), None)
+    if k is None:
+        raise ValueError(f"alpha={alpha}: the tables give {list(AD_LEVELS)}")
+    if n < 3:
+        raise ValueError(f"n={n}: need at least 3 observations")
+    values, correction = AD_TABLES[table][dist]
+    return round(values[k] / correction(n), 3)
+
+
+def ad_statistic(x: np.ndarray, dist: str) -> float:
+    """SciPy's Anderson-Darling statistic of ``x`` against ``dist`` with fitted parameters.
+
+    Only the statistic is taken from SciPy; from 1.17 on it is asked for through the p-value
+    interface (``method="interpolate"``), because the critical-value one warns and goes in 1.19.
+    """
+    if "method" in inspect.signature(stats.anderson).parameters:
+        return float(stats.anderson(x, dist=dist, method="interpolate").statistic)
+    return float(stats.anderson(x, dist=dist).statistic)  # SciPy < 1.17: no warning, no method
+
+
 def anderson_table(counts: Sequence[int] | np.ndarray, alpha: float = 0.05) -> list[dict[str, Any]]:
     """Anderson–Darling tests of the object counts against a normal and an exponential law.
 
-    ``scipy.stats.anderson`` estimates the law's parameters from the data and compares the
-    statistic with tabulated critical values; the thesis's rule (Eq. 3.3.1) rejects H0 when the
-    statistic exceeds the critical value at ``alpha`` (Table 3.3).
+    The statistic estimates the law's parameters from the data (:func:`ad_statistic`); the
+    thesis's rule (Eq. 3.3.1) rejects H0 when it exceeds the critical value at ``alpha``, taken
+    from the thesis's table (Stephens 1974, :func:`ad_critical_value`).  The revised table that
+    SciPy 1.17 tabulates is given beside it (``critical_value_scipy117``), so a reader can see that
+    the two differ in the third digit and whether the decision depends on it.
 
     Returns:
-        one row per hypothesis: ``{"distribution", "statistic", "critical_value", "alpha",
-        "decision", "reject"}``; ``decision`` reads "reject H0" or "do not reject H0".
+        one row per hypothesis: ``{"distribution", "n", "statistic", "critical_value",
+        "critical_value_scipy117", "alpha", "decision", "reject", "same_decision"}``;
+        ``decision`` reads "reject H0" or "do not reject H0".
     """
     c = np.asarray(counts, dtype=np.float64).ravel()
     if c.size < 3:
@@ -264,31 +312,30 @@ def anderson_table(counts: Sequence[int] | np.ndarray, alpha: float = 0.05) -> l
     if np.ptp(c) == 0:
         raise ValueError(f"anderson_table: all {c.size} counts equal {c[0]:g}; no law can be fitted "
                          "(the normal's standard deviation would be 0)")
+    if not any(math.isclose(alpha, a) for a in AD_LEVELS):
+        raise ValueError(f"anderson_table: alpha={alpha}; the tables give {list(AD_LEVELS)}")
     rows = []
     for dist in ("norm", "expon"):
-        with warnings.catch_warnings():
-            # SciPy >= 1.17 warns that the critical-value form will go; we need exactly that form
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", RuntimeWarning)
-            res = stats.anderson(c, dist=dist)
-        levels = np.asarray(res.significance_level, dtype=np.float64) / 100.0
-        k = int(np.argmin(np.abs(levels - alpha)))
-        if not math.isclose(levels[k], alpha, abs_tol=1e-9):
-            raise ValueError(f"anderson_table: scipy tabulates {sorted(levels.tolist())}, not alpha={alpha}")
-        stat, crit = float(res.statistic), float(res.critical_values[k])
+        stat = ad_statistic(c, dist)
+        crit = ad_critical_value(dist, c.size, alpha, "stephens1974")
+        crit_new = ad_critical_value(dist, c.size, alpha, "scipy1.17")
         reject = stat > crit
-        rows.append({"distribution": {"norm": "normal", "expon": "exponential"}[dist],
-                     "statistic": stat, "critical_value": crit, "alpha": alpha, "reject": bool(reject),
+        rows.append({"distribution": {"norm": "normal", "expon": "exponential"}[dist], "n": int(c.size),
+                     "statistic": stat, "critical_value": crit, "critical_value_scipy117": crit_new,
+                     "alpha": alpha, "reject": bool(reject), "same_decision": bool(reject == (stat > crit_new)),
                      "decision": "reject H0" if reject else "do not reject H0"})
     return rows
 
 
 def format_anderson_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Table 3.3 as text: one line per hypothesis."""
-    lines = [f"{'H0: counts follow':<22}{'statistic':>11}{'crit. (5 %)':>13}  decision"]
+    """Table 3.3 as text: one line per hypothesis, with both tables' critical values."""
+    pct = f"{100 * rows[0]['alpha']:g} %" if rows else "5 %"
+    lines = [f"{'H0: counts follow':<22}{'statistic':>11}{'crit. ' + pct:>13}{'SciPy 1.17':>12}  decision",
+             f"{'':<22}{'':>11}{'(Stephens)':>13}{'table':>12}"]
     for r in rows:
         lines.append(f"{r['distribution'] + ' law':<22}{r['statistic']:>11.4f}"
-                     f"{r['critical_value']:>13.3f}  {r['decision']}")
+                     f"{r['critical_value']:>13.3f}{r['critical_value_scipy117']:>12.3f}  {r['decision']}"
+                     + ("" if r["same_decision"] else "  (the SciPy 1.17 table decides otherwise)"))
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ back as Python floats.
 
 * the matrix itself (:func:`word_image_probabilities`, §2.2.1) and its lexicon-restricted form;
 * approach 1 — per-word thresholds maximising Youden's J (:func:`youden_thresholds`,
-  :func:`threshold_confusion`);
+  :func:`threshold_confusion`), and Eq. 2.3.5 read literally (:func:`eq_2_3_5_thresholds`);
 * approach 2 — the soft TP/TN/FP/FN of Eq. 2.3.10-2.3.13 (:func:`soft_confusion`);
 * accuracy, precision, recall, F1 (Eq. 2.3.1-2.3.4, :func:`classification_metrics`);
 * the normalised similarity entropy of Eq. 2.3.15 (:func:`normalised_similarity_entropy`, the
@@ -33,6 +33,7 @@ __all__ = [
     "TABLE_2_6",
     "TABLE_COLUMNS",
     "classification_metrics",
+    "eq_2_3_5_thresholds",
     "lexicon_probabilities",
     "lexicon_top1_accuracy",
     "normalised_similarity_entropy",
@@ -196,17 +197,39 @@ def youden_thresholds(P: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def eq_2_3_5_thresholds(P: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Eq. 2.3.5 read literally: ``threshold[i, j] = 1 / |W_i^+| - eps_j`` with ``eps_j = theta*_j``.
+
+    The thesis writes "theta*_j represents our eps_j" after Eq. 2.3.9, so ``eps_j`` is the Youden
+    threshold of word ``j`` (:func:`youden_thresholds`), and ``|W_i^+|`` the number of words that
+    truly belong to row ``i``.  The course predicts with ``theta*_j`` itself (notebook 06 says why);
+    this is the other reading, for comparison.  A row with no positive word gets ``+inf``.
+
+    Returns:
+        ``(n_images, n_words)`` float64 thresholds for :func:`threshold_confusion`.
+    """
+    _check_PY(P, Y)
+    theta = youden_thresholds(P, Y)
+    n_pos = Y.sum(1).double().cpu()
+    out = (1.0 / n_pos.clamp_min(1))[:, None] - theta[None, :]
+    # a row without positives is given no word (also where theta_j = +inf would make inf - inf)
+    return out.masked_fill((n_pos == 0)[:, None], float("inf"))
+
+
 def threshold_confusion(P: torch.Tensor, Y: torch.Tensor, thresholds: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-image TP, TN, FP, FN counts after thresholding ``P`` with one threshold per word.
+    """Per-image TP, TN, FP, FN counts after thresholding ``P``: word ``j`` is predicted for
+    row ``i`` when ``P[i, j] >= thresholds[j]`` (one threshold per word, ``(n_words,)``) or
+    ``>= thresholds[i, j]`` (one per entry, ``(n_images, n_words)``, e.g. :func:`eq_2_3_5_thresholds`).
 
     Returns:
         ``{"tp", "tn", "fp", "fn"}``, each a float64 tensor of shape ``(n_images,)``.
     """
     _check_PY(P, Y)
-    if thresholds.shape != (P.shape[1],):
-        raise ValueError(f"thresholds: expected shape ({P.shape[1]},), got {tuple(thresholds.shape)}")
+    if thresholds.shape not in ((P.shape[1],), tuple(P.shape)):
+        raise ValueError(f"thresholds: expected shape ({P.shape[1]},) or {tuple(P.shape)}, "
+                         f"got {tuple(thresholds.shape)}")
     P, Y, thresholds = same_device(P, Y, thresholds)
-    pred = P.double() >= thresholds.double()[None, :]
+    pred = P.double() >= (thresholds.double() if thresholds.ndim == 2 else thresholds.double()[None, :])
     return {
         "tp": (pred & Y).sum(1).double(), "tn": (~pred & ~Y).sum(1).double(),
         "fp": (pred & ~Y).sum(1).double(), "fn": (~pred & Y).sum(1).double(),

@@ -18,6 +18,7 @@ The speed race of notebook 05 is :mod:`course_utils.recipes.speed_race`.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -46,13 +47,14 @@ from ..scan import (
     Backbone,
     ScanConfig,
     evaluate_retrieval,
+    hardest_negative_triplet_loss,
     pool_regions,
     recall_at_k,
     scan_step_fn,
 )
 from ..train import History, fit
 
-__all__ = ["PAPER_TABLE_4_1", "TABLE_4_1", "TEXT_LEVELS", "PairSet", "RetrievalData", "build_features",
+__all__ = ["PAPER_TABLE_4_1", "QA_LOSSES", "TABLE_4_1", "TEXT_LEVELS", "PairSet", "RetrievalData", "build_features",
            "extract_region_features", "feature_knobs", "qa_inputs", "query_agnostic_knobs",
            "region_boxes", "run_query_agnostic", "run_variant", "scan_grid_knobs", "train_backbone", "train_matchmap",
            "train_query_agnostic", "train_scan", "variant_config"]
@@ -375,25 +377,40 @@ class _QueryAgnosticPairs(torch.utils.data.Dataset):
         return self.glob[i], self.regions[i], self.keep[i], self.tokens[c], self.lengths[c], i
 
 
-def _query_agnostic_step(model: QueryAgnostic, batch) -> dict[str, torch.Tensor]:
+#: The query-agnostic model's losses (knob ``qa_loss``): the poster's contrastive InfoNCE, and
+#: SCAN's hinge triplet loss with the hardest negative of the batch or with the sum over all of them.
+QA_LOSSES = ("infonce", "triplet-hardest", "triplet-sum")
+
+
+def _query_agnostic_step(model: QueryAgnostic, batch, loss: str = "infonce",
+                         margin: float = 0.2) -> dict[str, torch.Tensor]:
     g, r, kp, tok, ln, ids = batch
     L = int(ln.max())
-    loss = contrastive_loss(model.encode_image(g, r, kp), model.encode_text(tok[:, :L], ln), model.temperature, ids)
-    return {"loss": loss}
+    img, txt = model.encode_image(g, r, kp), model.encode_text(tok[:, :L], ln)
+    if loss == "infonce":
+        return {"loss": contrastive_loss(img, txt, model.temperature, ids)}
+    return {"loss": hardest_negative_triplet_loss(img @ txt.T, margin, max_violation=loss == "triplet-hardest",
+                                                  img_ids=ids)}
 
 
 def train_query_agnostic(model: QueryAgnostic, global_feat: torch.Tensor, regions: torch.Tensor,
                          keep: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
                          cap_to_img: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
                          seed: int = 0, ckpt_dir: str | Path | None = None, progress: bool = True,
-                         device: str | torch.device | None = None) -> History:
-    """Contrastive training with :func:`~course_utils.train.fit` on features ``global (N, F)``,
+                         device: str | torch.device | None = None, loss: str = "infonce",
+                         margin: float = 0.2) -> History:
+    """Training with :func:`~course_utils.train.fit` on features ``global (N, F)``,
     ``regions (N, k, F)``, ``keep (N, k)`` and captions ``tokens (C, L)``, ``lengths (C,)``,
-    ``cap_to_img (C,)``.  Returns the :class:`~course_utils.train.History`."""
+    ``cap_to_img (C,)``; ``loss`` one of :data:`QA_LOSSES` (``margin``: the triplet losses').
+    The learning rate drops tenfold after two thirds of the epochs.
+    Returns the :class:`~course_utils.train.History`."""
+    if loss not in QA_LOSSES:
+        raise ValueError(f"loss={loss!r}: expected one of {QA_LOSSES}")
     data = _QueryAgnosticPairs(global_feat, regions, keep, tokens, lengths, cap_to_img)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(1, (2 * epochs) // 3)], gamma=0.1)
-    return fit(model, _query_agnostic_step, data, epochs=epochs, batch_size=batch_size, optimizer=opt,
+    step = functools.partial(_query_agnostic_step, loss=loss, margin=margin)
+    return fit(model, step, data, epochs=epochs, batch_size=batch_size, optimizer=opt,
                scheduler=sched, ckpt_dir=ckpt_dir, seed=seed, grad_clip=2.0, progress=progress,
                desc="query-agnostic", device=device)
 
@@ -403,7 +420,8 @@ def query_agnostic_knobs(cfg: dict, seed: int = 0, features: dict | None = None)
     :func:`run_query_agnostic`.  Its checkpoints:
     ``run_dir("05_query_agnostic", query_agnostic_knobs(cfg, seed))``, one subfolder per text level.
     ``features`` as in :func:`scan_grid_knobs`."""
-    keys = ("word_dim", "embed_dim", "batch_size", "qa_alpha", "qa_heads", "qa_epochs", "qa_lr")
+    keys = ("word_dim", "embed_dim", "batch_size", "qa_alpha", "qa_heads", "qa_epochs", "qa_lr", "qa_layers",
+            "qa_ffn_norm", "qa_loss", "margin")
     return {"features": feature_knobs(cfg, seed) if features is None else features,
             "train": {k: cfg[k] for k in keys}}
 
@@ -425,12 +443,13 @@ def run_query_agnostic(data: RetrievalData, cfg: dict, *, text_level: str = "fin
     tok, ln = data.texts["train"][text_level]
     torch.manual_seed(seed)
     model = QueryAgnostic(g.shape[-1], len(data.vocab), int(cfg["word_dim"]), int(cfg["embed_dim"]),
-                          int(cfg["qa_heads"]))
+                          int(cfg["qa_heads"]), layers=int(cfg["qa_layers"]), ffn_norm=bool(cfg["qa_ffn_norm"]))
     t = time.perf_counter()
     hist = train_query_agnostic(model, g, r, keep, tok, ln, data.cap_to_img["train"], epochs=int(cfg["qa_epochs"]),
                                 batch_size=int(cfg["batch_size"]), lr=float(cfg["qa_lr"]), seed=seed,
                                 ckpt_dir=None if ckpt_dir is None else Path(ckpt_dir) / text_level,
-                                progress=progress, device=torch.device(device or "cpu"))
+                                progress=progress, device=torch.device(device or "cpu"),
+                                loss=str(cfg["qa_loss"]), margin=float(cfg["margin"]))
     train_s = time.perf_counter() - t
     t = time.perf_counter()
     gt, rt, kt = qa_inputs(data.feats[split], size, alpha)
