@@ -223,8 +223,9 @@ def estimate_05(cfg: Config) -> Estimate:
     from course_utils.recipes.qa_ablation import qa_ablation_rows
 
     base = {p.name: p for p in phases if p.name.startswith("train query-agnostic")}
+    live_rows = qa_ablation_rows(dict(r))[1:1 + int(r.qa_ablation_live)]
     steps, flops = 0.0, 0.0
-    for row in qa_ablation_rows(dict(r))[1:1 + int(r.qa_ablation_live)]:
+    for row in live_rows:
         level = "coarse" if row["text_level"] == "coarse" else "fine"
         if row["text_level"] == "coarse" and not row["knobs"]:
             continue  # section 4's whole-caption model, already costed above
@@ -243,8 +244,8 @@ def estimate_05(cfg: Config) -> Estimate:
     per_pair = scan_eval.flops_per_step * scan_eval.steps / (r.n_test * r.n_test * data["phrases_per_image"])
     pairs = (3 * r.n_test + sum(r.speed_gallery_sizes)) * r.n_test * data["phrases_per_image"]
     phases.append(Phase("speed race (SCAN side)", 1, per_pair * pairs, scan_eval.gpu_bytes))
-    n_rows = len(qa_ablation_rows(dict(r))[1:1 + int(r.qa_ablation_live)])
-    return Estimate("05", phases, disk_bytes=5 * int(r.epochs) * 30e6 + (2 + n_rows) * int(r.qa_epochs) * 60e6)
+    return Estimate("05", phases,
+                    disk_bytes=5 * int(r.epochs) * 30e6 + (2 + len(live_rows)) * int(r.qa_epochs) * 60e6)
 
 
 def _vit() -> torch.nn.Module:
