@@ -13,6 +13,7 @@ Modules by layer, and within a layer in the course's order (notebook numbers on 
 ``shapes``                     01-03: the synthetic shapes world of seed 000 §4.1
 ``captions``                   04-05: captioned shapes scenes, Karpathy-layout feature loader
 ``svt`` / ``synthsvt``         06-08: Street View Text loader and its synthetic twin
+``signs``                      06-08: street signs rendered head-on or weathered (SynthSVT, pretraining)
 ``clip.data``                  06-08: real SVT when it can be had, else SynthSVT
 **models** (and their losses)
 ``boxes``                      01: IoU, anchor grid, labelling, sampling, box coding (Eq. 1)
@@ -42,7 +43,7 @@ Modules by layer, and within a layer in the course's order (notebook numbers on 
 ``recipes.retrieval``          04-05: region features, the Table 4.1 grid, query-agnostic model
 ``recipes.retrieval_data``     04-05: real Flickr30K / MSCOCO inputs when cached, else the scenes
 ``recipes.speed_race``         05: query-agnostic vs query-dependent timing
-``recipes.clip_finetune``      07: fine-tune and keep the checkpoint chosen by precision
+``recipes.clip_finetune``      07: fine-tune, keep the checkpoint chosen by precision, the ablation
 ``recipes.odits``              08: ODITS trained and compared with its CLIP
 **course**
 ``checks``                     exercise checks used by the notebooks (and read by the grader)

@@ -134,7 +134,7 @@ def _clip_finetune(cfg, args: argparse.Namespace, device: torch.device) -> None:
         data = load_svt_data(S, allow_download=S.download_svt, verbose=distributed.is_main_process())
     bundle = load_clip(S.clip_kind, device=device, when_unavailable=cfg.runtime.weights_when_unavailable,
                        verbose=distributed.is_main_process())
-    ckpt = run_dir(f"07_clip_svt_{cfg.name}", finetune_knobs(bundle, S))
+    ckpt = run_dir(f"07_clip_svt_{cfg.name}", finetune_knobs(bundle, S, data.train))
     _say(f"checkpoints: {ckpt}")
     # notebook 07's steps: Algorithm 1, Table 2.6 for every kept checkpoint, the best by precision
     res = finetune_and_select(bundle, data.train, data.test, S, ckpt, seed=args.seed, resume=args.resume,

@@ -7,13 +7,15 @@ Notebooks 06-07 (seed 004 Ch. 2) run offline on this set when the real SVT is no
 
 Every image is a street scene (sky/facade gradient, windows, poles, noise) with one or two
 signs carrying one to three words, rendered with PIL in several fonts, colours and sizes,
-slightly rotated and sheared.  Words follow a long-tailed (Zipf) distribution over
+slightly rotated and sheared, half of them seen from the side, all of them weathered (grain,
+uneven light, sometimes a pole or leaves in front; :mod:`course_utils.signs`).  Words follow a long-tailed (Zipf) distribution over
 :data:`STREET_WORDS`, so a few words (RESTAURANT, THE, INC, HOTEL, ...) are frequent and most are
 rare, as in the thesis's Fig. 2.2-2.3.  Each image gets a 50-word lexicon: its own words plus
 distractors, many of them look-alikes (edit distance 1-2, e.g. JOINT / JOINS / POINT).
 
-:class:`WordStream` renders single word crops in memory with the same sign renderer, fast enough
-to pretrain the course's small CLIP on hundreds of thousands of words.
+:class:`WordStream` renders single word crops in memory with the same sign renderer
+(:mod:`course_utils.signs`), fast enough to pretrain the course's small CLIP on hundreds of
+thousands of words.
 
 Determinism: image ``k`` of a split depends only on ``(seed, split, k)`` and the other knobs;
 the same call writes identical bytes (JPEG quality fixed, no timestamps in the files).
@@ -25,13 +27,21 @@ import os
 import shutil
 import string
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image
+
+from .signs import (
+    FONT_NAMES,
+    RENDERER_VERSION,
+    _finish,
+    _make_sign,
+    _sample_style,
+    load_font,
+    render_scene,
+)
 
 __all__ = [
     "STREET_WORDS",
@@ -43,6 +53,8 @@ __all__ = [
     "make_synthsvt",
     "make_synthsvt_for_profile",
     "WordStream",
+    "WORD_DOMAINS",
+    "RENDERER_VERSION",
     "load_font",
 ]
 
@@ -71,24 +83,6 @@ SAMS JOES MAXS ROSAS LUCKY HAPPY GOLDEN DRAGON PHOENIX LOTUS BAMBOO JASMINE SAFF
 """.split())
 # duplicates in the text above (HOUSE) are removed, first occurrence kept
 STREET_WORDS = tuple(dict.fromkeys(STREET_WORDS))
-
-_TTF_FONTS = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
-    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSans-Oblique.ttf",
-    "DejaVuSerif-Italic.ttf",
-)
-# "pil-default" is PIL's built-in bitmap font, rendered small and scaled up (blocky, like
-# low-resolution signage).
-FONT_NAMES: tuple[str, ...] = _TTF_FONTS + ("pil-default",)
-
-# Background / sign / text palettes: (sign colour, text colour) pairs with enough contrast that
-# a human reads them, and some low-contrast ones because real signs are not always legible.
-_SIGN_STYLES: tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...] = (
-    ((250, 250, 245), (20, 20, 20)), ((20, 20, 20), (250, 250, 250)), ((180, 20, 30), (255, 255, 255)),
-    ((20, 60, 150), (255, 255, 255)), ((10, 110, 60), (255, 255, 255)), ((250, 210, 40), (20, 20, 20)),
-    ((240, 240, 240), (180, 20, 30)), ((60, 40, 30), (240, 220, 170)), ((230, 120, 20), (255, 255, 255)),
-    ((200, 200, 210), (30, 30, 90)), ((120, 20, 90), (255, 230, 120)), ((245, 235, 210), (90, 60, 20)),
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,175 +171,6 @@ def make_lexicon(words: Sequence[str], rng: np.random.Generator, size: int = 50,
     return [lex[i] for i in order]
 
 
-# --------------------------------------------------------------------------------------------
-# rendering
-# --------------------------------------------------------------------------------------------
-
-
-def _font_dir() -> Path:
-    import matplotlib
-
-    return Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf"
-
-
-@lru_cache(maxsize=512)
-def load_font(name: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """A font of ``FONT_NAMES`` at pixel ``size`` (``pil-default`` ignores ``size``)."""
-    if name == "pil-default":
-        return ImageFont.load_default_imagefont()
-    return ImageFont.truetype(str(_font_dir() / name), size)
-
-
-def _render_word(word: str, font_name: str, size: int, color: tuple[int, int, int],
-                 rng: np.random.Generator, rotate: float, shear: float) -> Image.Image:
-    """The word as an RGBA image cropped to its ink: colour ``color``, rotated and sheared."""
-    font = load_font(font_name, size)
-    # measure, then draw with a margin so that rotation never clips the ink
-    left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), word, font=font)
-    w, h = right - left, bottom - top
-    m = 4
-    mask = Image.new("L", (w + 2 * m, h + 2 * m), 0)
-    ImageDraw.Draw(mask).text((m - left, m - top), word, fill=255, font=font)
-    if font_name == "pil-default":
-        # the bitmap font is ~11 px tall: scale it up to the requested size (blocky on purpose)
-        scale = size / max(1, h)
-        mask = mask.resize((max(1, round(mask.width * scale)), max(1, round(mask.height * scale))),
-                           Image.NEAREST)
-    if shear:
-        # x' = x + shear * y, a slant like a sign seen a little from the side
-        extra = int(abs(shear) * mask.height) + 1
-        mask = mask.transform((mask.width + extra, mask.height), Image.AFFINE,
-                              (1, shear, -extra if shear > 0 else 0, 0, 1, 0), Image.BILINEAR)
-    if rotate:
-        mask = mask.rotate(rotate, Image.BILINEAR, expand=True)
-    bbox = mask.getbbox() or (0, 0, mask.width, mask.height)
-    mask = mask.crop(bbox)
-    layer = Image.new("RGBA", mask.size, color + (0,))
-    layer.putalpha(mask)
-    return layer
-
-
-@dataclass
-class _Style:
-    """Random choices for one sign: font, size, colours, rotation, shear."""
-
-    font: str
-    size: int
-    sign: tuple[int, int, int]
-    ink: tuple[int, int, int]
-    rotate: float
-    shear: float
-
-
-def _sample_style(rng: np.random.Generator, text_height: int, fonts: Sequence[str]) -> _Style:
-    sign, ink = _SIGN_STYLES[int(rng.integers(len(_SIGN_STYLES)))]
-    jitter = rng.integers(-25, 26, size=3)
-    sign = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(sign, jitter))
-    return _Style(
-        font=fonts[int(rng.integers(len(fonts)))],
-        size=max(6, int(text_height * rng.uniform(0.8, 1.25))),
-        sign=sign,  # type: ignore[arg-type]
-        ink=ink,
-        rotate=float(rng.uniform(-5, 5)),
-        shear=float(rng.uniform(-0.2, 0.2)),
-    )
-
-
-def _background(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
-    """A street-ish backdrop: sky-to-facade gradient, windows, poles and wires (clutter)."""
-    W, H = size
-    top = rng.integers(90, 230, size=3)
-    bottom = rng.integers(30, 160, size=3)
-    t = np.linspace(0, 1, H)[:, None, None]
-    arr = (top * (1 - t) + bottom * t).repeat(W, axis=1)
-    img = Image.fromarray(arr.astype(np.uint8), "RGB")
-    d = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(3, 9))):  # windows / facade blocks
-        x, y = int(rng.integers(0, W)), int(rng.integers(0, H))
-        w, h = int(rng.integers(W // 20 + 1, W // 5 + 2)), int(rng.integers(H // 20 + 1, H // 4 + 2))
-        d.rectangle((x, y, x + w, y + h), fill=tuple(int(c) for c in rng.integers(0, 256, size=3)))
-    for _ in range(int(rng.integers(1, 4))):  # poles and wires
-        x = int(rng.integers(0, W))
-        d.line((x, 0, x + int(rng.integers(-W // 10, W // 10 + 1)), H),
-               fill=tuple(int(c) for c in rng.integers(0, 120, size=3)), width=int(rng.integers(1, 4)))
-    return img
-
-
-def _make_sign(words: Sequence[str], style: _Style, rng: np.random.Generator
-               ) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
-    """A sign board with ``words`` stacked in lines; returns the board and each word's xyxy box."""
-    layers = [_render_word(w, style.font, style.size, style.ink, rng, style.rotate, style.shear)
-              for w in words]
-    pad = max(3, style.size // 3)
-    gap = max(2, style.size // 4)
-    W = max(lay.width for lay in layers) + 2 * pad
-    H = sum(lay.height for lay in layers) + gap * (len(layers) - 1) + 2 * pad
-    board = Image.new("RGB", (W, H), style.sign)
-    d = ImageDraw.Draw(board)
-    d.rectangle((0, 0, W - 1, H - 1), outline=tuple(max(0, c - 60) for c in style.sign), width=2)
-    boxes = []
-    y = pad
-    for layer in layers:
-        x = pad + int(rng.integers(0, W - 2 * pad - layer.width + 1))  # ragged alignment
-        board.paste(layer, (x, y), layer)
-        boxes.append((x, y, x + layer.width, y + layer.height))
-        y += layer.height + gap
-    return board, boxes
-
-
-def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
-def _finish(img: Image.Image, rng: np.random.Generator, noise: float) -> Image.Image:
-    """Camera effects: slight blur and Gaussian noise of standard deviation ``noise`` (0-255)."""
-    if rng.random() < 0.5:
-        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 0.9))))
-    arr = np.asarray(img, dtype=np.float32)
-    arr = arr + rng.normal(0.0, noise * rng.uniform(0.3, 1.0), size=arr.shape)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-
-
-def render_scene(words_per_sign: Sequence[Sequence[str]], rng: np.random.Generator,
-                 image_size: tuple[int, int] = (480, 360), fonts: Sequence[str] = FONT_NAMES,
-                 noise: float = 6.0) -> tuple[Image.Image, list[tuple[str, tuple[int, int, int, int]]]]:
-    """Render a street scene with one sign per entry of ``words_per_sign``.
-
-    Args:
-        words_per_sign: e.g. ``[["JOES", "PIZZA"], ["OPEN"]]``: two signs, three words.
-        rng: the only source of randomness (determinism).
-        image_size: ``(width, height)`` of the scene in pixels.
-
-    Returns:
-        the RGB scene and a list of ``(word, (x1, y1, x2, y2))`` boxes in scene pixels.
-        A sign that does not fit without overlapping another is scaled down until it does
-        (and dropped, with its words, after a few tries).
-    """
-    W, H = image_size
-    scene = _background(image_size, rng)
-    placed: list[tuple[int, int, int, int]] = []
-    out: list[tuple[str, tuple[int, int, int, int]]] = []
-    for words in words_per_sign:
-        # text height 7-14 % of the image height, so that word crops stay legible when small
-        style = _sample_style(rng, int(H * rng.uniform(0.07, 0.14)), fonts)
-        board, boxes = _make_sign(words, style, rng)
-        for _ in range(20):
-            if board.width >= W or board.height >= H:
-                s = 0.9 * min(W / board.width, H / board.height)
-                board = board.resize((max(1, int(board.width * s)), max(1, int(board.height * s))),
-                                     Image.BILINEAR)
-                boxes = [tuple(int(round(c * s)) for c in b) for b in boxes]  # type: ignore[misc]
-                continue
-            x, y = int(rng.integers(0, W - board.width + 1)), int(rng.integers(0, H - board.height + 1))
-            rect = (x, y, x + board.width, y + board.height)
-            if any(_overlaps(rect, p) for p in placed):
-                continue
-            scene.paste(board, (x, y))
-            placed.append(rect)
-            out += [(w, (x + b[0], y + b[1], x + b[2], y + b[3])) for w, b in zip(words, boxes)]
-            break
-    return _finish(scene, rng, noise), out
-
 
 # --------------------------------------------------------------------------------------------
 # the SVT-format folder
@@ -403,7 +228,7 @@ def make_synthsvt(root: str | os.PathLike[str], *, n_train: int = 100, n_test: i
     root = Path(root)
     stamp = (f"synthsvt n_train={n_train} n_test={n_test} size={tuple(image_size)} seed={seed} "
              f"lex={lexicon_size} max_words={max_words} zipf={zipf_exponent} "
-             f"look={lookalikes_per_word} vocab={len(vocabulary)}")
+             f"look={lookalikes_per_word} vocab={len(vocabulary)} renderer={RENDERER_VERSION}")
     stamp_file = root / "SYNTHSVT"
     if not overwrite and stamp_file.is_file() and stamp_file.read_text() == stamp:
         return root
@@ -445,12 +270,24 @@ def make_synthsvt(root: str | os.PathLike[str], *, n_train: int = 100, n_test: i
 # --------------------------------------------------------------------------------------------
 
 
+WORD_DOMAINS = ("frontal", "street")
+
+
 class WordStream:
     """Word crops rendered in memory: an endless, seekable stream of ``(image, text)`` pairs.
 
-    Each crop is a sign fragment made by the same renderer as the scenes of
-    :func:`make_synthsvt` (font, colours, rotation, shear, blur, noise), cut around the word's
-    box with a small random margin, as a detector or an SVT box would give it.
+    Two domains (``domain``):
+
+    - ``"street"``: a sign fragment made by the same renderer as the scenes of
+      :func:`make_synthsvt` (font, colours, rotation, shear, perspective, texture, uneven light,
+      occluders, blur, noise);
+    - ``"frontal"`` (what the course's small CLIP is pretrained on): the same sign seen head-on
+      in even light with nothing in front of it (font, colours, rotation, shear, blur, noise;
+      no perspective, texture, light ramp or occluder).  The gap between the two is what
+      fine-tuning on SynthSVT (notebook 07) has to learn.
+
+    Either way the crop is cut around the word's box with a small random margin, as a detector
+    or an SVT box would give it.
 
     Sample ``i`` depends only on ``(seed, i)``: the stream can be re-read from any step, which
     makes pretraining resumable and bit-for-bit reproducible.
@@ -463,13 +300,17 @@ class WordStream:
         lookalike_rate: probability that a sample is a random one- or two-letter edit of the drawn
             word instead of the word itself.  Pairs of near-identical texts teach the model to
             read letters rather than word shapes.
+        domain: ``"frontal"`` or ``"street"`` (see above).
     """
 
     def __init__(self, words: Sequence[str], weights: Sequence[float] | None = None, *, seed: int = 0,
                  text_height: int = 32, lookalike_rate: float = 0.0, fonts: Sequence[str] = FONT_NAMES,
-                 noise: float = 6.0) -> None:
+                 noise: float = 6.0, domain: str = "street") -> None:
         if not words:
             raise ValueError("WordStream: words is empty (expected at least one text)")
+        if domain not in WORD_DOMAINS:
+            raise ValueError(f"WordStream: domain={domain!r}, expected one of {WORD_DOMAINS}")
+        self.domain = domain
         self.words = list(words)
         w = np.full(len(words), 1.0) if weights is None else np.asarray(weights, dtype=np.float64)
         if w.shape != (len(self.words),) or (w < 0).any() or w.sum() <= 0:
@@ -499,8 +340,9 @@ class WordStream:
 
     def render(self, text: str, rng: np.random.Generator) -> Image.Image:
         """Render ``text`` as one word crop with randomness from ``rng`` (RGB, wider than tall)."""
-        style = _sample_style(rng, self.text_height, self.fonts)
-        board, boxes = _make_sign([text], style, rng)
+        street = self.domain == "street"
+        style = _sample_style(rng, self.text_height, self.fonts, street=street)
+        board, boxes = _make_sign([text], style, rng, street=street)
         board = _finish(board, rng, self.noise)
         x1, y1, x2, y2 = boxes[0]
         # the margin of a loose box: 0-15 % of the text height on each side

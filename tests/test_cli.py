@@ -105,7 +105,7 @@ def test_clip_finetune_one_then_two_processes_and_the_notebook_loads_it(cache, c
     S = get_config("smoke").svt
     data = load_svt_data(S, verbose=False)
     bundle = load_clip(S.clip_kind, device="cpu", verbose=False)
-    ckpt = run_dir("07_clip_svt_smoke", finetune_knobs(bundle, S))
+    ckpt = run_dir("07_clip_svt_smoke", finetune_knobs(bundle, S, data.train))
     finetune(bundle.model, pair_dataset(data.train, bundle, pads=S.ft_crop_pads), S, ckpt, progress=False)
     assert "[fine-tune CLIP] already done: loaded" in capsys.readouterr().out
 

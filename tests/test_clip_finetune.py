@@ -16,6 +16,8 @@ from course_utils.clip import data as svt_data
 from course_utils.clip import evaluation, loading, small
 from course_utils.clip import finetune as ft
 from course_utils.clip import wordspotting as ws
+from course_utils.env import seed_everything
+from course_utils.profiles import get_config
 from course_utils.recipes import clip_finetune as cf
 
 WORDS = ["JOINT", "JOHNS", "JONES", "CAFE", "HOTEL", "BAR", "INN", "DELI"]
@@ -186,6 +188,52 @@ def test_evaluate_and_table_rows_on_synthsvt(tmp_path, monkeypatch):
     assert again["precision_at_reference_scale"] == pytest.approx(rows[-1]["precision"], rel=1e-9)
 
 
+def test_ablation_rows_change_one_knob_each():
+    cpu = dict(get_config("cpu").svt)
+    rows = cf.ft_ablation_rows(cpu)
+    assert rows[0]["knobs"] == {} and len({r["label"] for r in rows}) == len(rows)
+    for r in rows[1:]:
+        assert r["knobs"] and set(r["knobs"]) <= set(cpu)
+        assert any(cpu[k] != v for k, v in r["knobs"].items()), r  # every row changes something
+    assert {"ft_logit_scale_lr": 0.0} in [r["knobs"] for r in rows]
+    assert {"ft_weight_decay": 0.2} in [r["knobs"] for r in rows]  # cpu's departures from Table 2.5 undone
+    assert {"ft_crop_pads": (0.0,)} in [r["knobs"] for r in rows]
+    # a profile already on Table 2.5 with a frozen temperature has no rows that would repeat its own run
+    plain = cf.ft_ablation_rows(dict(cpu, ft_weight_decay=0.2, ft_crop_pads=(0.0,), ft_logit_scale_lr=0.0))
+    assert [r["knobs"] for r in plain] == [{}, {"ft_lr": 4 * cpu["ft_lr"]}]
+
+
+def test_ablation_rows_are_complete_runs_and_the_frozen_row_keeps_the_temperature(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    svt_cfg = dict(n_train=2, n_test=2, image_size=(160, 120), seed=0, lexicon_size=20, max_words=2,
+                   ft_crop_pads=(0.0,), ft_logit_scale_lr=1e-1, **_cfg(ft_epochs=2, ft_checkpoints=(1, 2), ft_batch_size=8))
+    data = svt_data.load_svt_data(svt_cfg, verbose=False)
+
+    def load_bundle():
+        return loading.ClipBundle(_model(), small.small_clip_preprocess, small.small_clip_tokenizer(), "small", "test")
+
+    rows = cf.ft_ablation_rows(svt_cfg)[:2]
+    assert rows[1]["knobs"] == {"ft_logit_scale_lr": 0.0}
+    out = cf.run_ft_ablation(load_bundle, data.train, data.test, svt_cfg, rows, seed=0, verbose=False)
+    # the first row is the profile's run, number for number
+    seed_everything(0)
+    direct = cf.finetune_and_select(load_bundle(), data.train, data.test, svt_cfg, tmp_path / "direct", seed=0)
+    mine = cf.ablation_summary(rows[0], direct.zero_shot, direct.best, 0.0)
+    for k in ("best_epoch", "precision", "precision_at_zero_shot_scale", "lexicon50_top1", "logit_scale"):
+        assert out[0][k] == mine[k], k
+    assert out[0]["logit_scale"] != pytest.approx(direct.zero_shot["logit_scale"], abs=1e-3)  # learnt: it moved
+    # frozen: the temperature stays, so both precisions (and both gains) are the same number
+    frozen = out[1]
+    assert frozen["logit_scale"] == pytest.approx(direct.zero_shot["logit_scale"], rel=1e-6)
+    assert frozen["precision"] == pytest.approx(frozen["precision_at_zero_shot_scale"], rel=1e-6)
+    assert frozen["precision_gain"] == pytest.approx(frozen["precision"] / direct.zero_shot["precision"] - 1)
+    with pytest.raises(ValueError, match="ablation row 0.*ft_lrr"):
+        cf.run_ft_ablation(load_bundle, data.train, data.test, svt_cfg, [{"label": "typo", "knobs": {"ft_lrr": 1.0}}])
+    with pytest.raises(ValueError, match="precision_at_zero_shot_scale"):
+        cf.ablation_summary(rows[0], direct.zero_shot, {"epoch": 1, "precision": 0.5}, 0.0)
+
+
 def test_best_by_precision_ignores_zero_shot_and_prefers_the_earlier_tie():
     rows = [{"epoch": 0, "precision": 0.9}, {"epoch": 1, "precision": 0.3},
             {"epoch": 2, "precision": 0.5}, {"epoch": 5, "precision": 0.5}]
@@ -260,23 +308,36 @@ def test_nb06_nb07_checks_accept_own_code_and_fall_back_otherwise():
     assert not checks.RESULTS["6.1 word_image_probabilities"].passed
 
 
-def test_run_dir_names_the_weights_and_the_fine_tuning_knobs(tmp_path, monkeypatch):
+def test_run_dir_names_the_weights_the_data_and_the_fine_tuning_knobs(tmp_path, monkeypatch):
     monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    svt_cfg = dict(n_train=2, n_test=1, image_size=(160, 120), seed=0, lexicon_size=20, max_words=2)
+    train = svt_data.load_svt_data(svt_cfg, verbose=False).train
+    other = svt_data.load_svt_data(dict(svt_cfg, seed=1), verbose=False).train
     bundle = loading.ClipBundle(_model(), small.small_clip_preprocess, small.small_clip_tokenizer(), "small", "test",
                                 {"sha256": "ab" * 32})
 
-    def folder(b, cfg):
-        return run_dir("07_clip_svt_cpu", cf.finetune_knobs(b, cfg))
+    def folder(b, cfg, split=train):
+        return run_dir("07_clip_svt_cpu", cf.finetune_knobs(b, cfg, split))
 
     a = folder(bundle, _cfg())
     assert a.parent == tmp_path / "runs" and a.name.startswith("07_clip_svt_cpu_")
-    assert cf.finetune_knobs(bundle, _cfg())["start"] == "ab" * 6
+    assert cf.finetune_knobs(bundle, _cfg(), train)["start"] == "ab" * 6
     assert a == folder(bundle, dict(_cfg(), n_train=5))  # not a fine-tuning knob
+    assert a == folder(bundle, dict(_cfg(), ft_ablation_live=3))  # how many ablation rows, not a knob
     assert a != folder(bundle, _cfg(ft_logit_scale_lr=1e-2))
     assert a != folder(bundle, _cfg(ft_epochs=4))
+    # other training data (another seed, or one image file changed in place) is another run
+    assert a != folder(bundle, _cfg(), other)
+    assert cf.split_fingerprint(train) == cf.split_fingerprint(svt_data.load_svt_data(svt_cfg, verbose=False).train)
+    picture = train[0].path
+    picture.write_bytes(picture.read_bytes() + b"\0")
+    assert a != folder(bundle, _cfg())
+    with pytest.raises(ValueError, match="SVTSplit"):
+        cf.split_fingerprint([train[0]])
     random = loading.ClipBundle(_model(), small.small_clip_preprocess, small.small_clip_tokenizer(), "small", "test",
                                 {"random_init": True})
-    assert a != folder(random, _cfg()) and cf.finetune_knobs(random, _cfg())["start"] == "random"
+    assert a != folder(random, _cfg()) and cf.finetune_knobs(random, _cfg(), train)["start"] == "random"
 
 
 # --------------------------------------------------------------------------------------------

@@ -298,6 +298,7 @@ def test_load_both_splits_and_overlap(tmp_path):
 # SynthSVT
 # --------------------------------------------------------------------------------------------
 
+from course_utils import signs  # noqa: E402
 from course_utils import synthsvt as ss  # noqa: E402
 from course_utils.svt import word_spotting_vocabulary  # noqa: E402
 
@@ -420,8 +421,8 @@ def test_make_lexicon_contents():
 
 def test_all_fonts_render():
     rng = np.random.default_rng(0)
-    for name in ss.FONT_NAMES:
-        layer = ss._render_word("JOINT", name, 24, (0, 0, 0), rng, rotate=3.0, shear=0.1)
+    for name in signs.FONT_NAMES:
+        layer = signs._render_word("JOINT", name, 24, (0, 0, 0), rng, rotate=3.0, shear=0.1)
         assert layer.mode == "RGBA" and layer.width > layer.height > 5, name
 
 
@@ -439,3 +440,25 @@ def test_word_stream_is_deterministic_and_seekable():
         ss.WordStream([])
     with pytest.raises(ValueError, match="weights must be 2"):
         ss.WordStream(["A", "B"], weights=[1.0])
+
+
+def test_frontal_and_street_signs_differ_by_the_street_only():
+    """The pretraining domain (frontal) and SynthSVT's (street) share fonts, palettes and texts;
+    only the street adds perspective, grain, uneven light and occluders."""
+    fronts = [signs._sample_style(np.random.default_rng(k), 24, signs.FONT_NAMES, street=False) for k in range(40)]
+    streets = [signs._sample_style(np.random.default_rng(k), 24, signs.FONT_NAMES) for k in range(40)]
+    assert all(s.far == 1.0 for s in fronts) and any(s.far < 1.0 for s in streets)
+    assert [s.font for s in fronts] == [s.font for s in streets]
+    style = fronts[0]
+    flat, _ = signs._make_sign(["JOINT"], style, np.random.default_rng(1), street=False)
+    worn, _ = signs._make_sign(["JOINT"], style, np.random.default_rng(1))
+    # the same layout, weathered or not: the top row (the board's edge, no ink) is one or two flat
+    # colours head-on, and many after grain and light
+    colours = lambda im: len(np.unique(np.asarray(im)[0].reshape(-1, 3), axis=0))  # noqa: E731
+    assert flat.size == worn.size and colours(flat) <= 2 < 10 < colours(worn)
+    f = ss.WordStream(["JOINT", "PIZZA"], seed=2, domain="frontal")
+    st = ss.WordStream(["JOINT", "PIZZA"], seed=2, domain="street")
+    assert [f.text(i) for i in range(8)] == [st.text(i) for i in range(8)]
+    assert not np.array_equal(np.asarray(f.sample(0)[0]), np.asarray(st.sample(0)[0]))
+    with pytest.raises(ValueError, match=r"domain='clean', expected one of \('frontal', 'street'\)"):
+        ss.WordStream(["A"], domain="clean")

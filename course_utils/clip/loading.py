@@ -155,10 +155,13 @@ def _load_small(weights_dir: Path, device: torch.device) -> ClipBundle:
     if expected and expected != sha:
         print(f"warning: {path} has sha256 {sha[:12]}…, the manifest says {expected[:12]}…")
     acc = manifest.get("final_metrics", {}).get("lexicon50_top1_synthsvt_test")
+    # the pretraining rendering (WordStream's domain); SynthSVT's street crops are another one
+    domain = manifest.get("hyperparameters", {}).get("domain")
+    domain = f"{domain} " if domain else ""
     shown = path.relative_to(SMALL_CLIP_DIR.parent.parent) if SMALL_CLIP_DIR.parent.parent in path.parents else path
     line = (f"weights: course small CLIP ({shown}, "
-            f"sha256 {sha[:12]}…, pretrained on rendered words"
-            + (f", lexicon-50 top-1 {acc:.1%} on SynthSVT test" if acc is not None else "") + ")")
+            f"sha256 {sha[:12]}…, pretrained on {domain}rendered words"
+            + (f", zero-shot lexicon-50 top-1 {acc:.1%} on SynthSVT test" if acc is not None else "") + ")")
     return ClipBundle(model.to(device).eval(), small_clip_preprocess, small_clip_tokenizer(), "small", line,
                       {"manifest": manifest, "sha256": sha, "path": str(path)})
 

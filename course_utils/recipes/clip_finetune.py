@@ -10,9 +10,12 @@ best precision (:func:`best_by`, §2.4.3).  Notebook 07 saves the chosen weights
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,28 +28,49 @@ from ..clip.evaluation import EvalSet, build_eval_set, evaluate_word_spotting
 from ..clip.finetune import WordCropDataset, checkpoint_epochs, finetune, pair_dataset
 from ..clip.loading import ClipBundle
 from ..clip.wordspotting import TABLE_COLUMNS
+from ..env import seed_everything
 from ..history import History
 from ..svt import SVTSplit
 
 __all__ = [
     "FinetuneResult",
+    "ablation_summary",
     "best_by",
     "best_checkpoint_path",
     "evaluate_checkpoints",
     "finetune_and_select",
     "finetune_knobs",
+    "ft_ablation_rows",
+    "run_ft_ablation",
     "save_table",
+    "split_fingerprint",
 ]
 
 
-def finetune_knobs(bundle: ClipBundle, svt_cfg: Mapping[str, Any]) -> dict[str, Any]:
+def split_fingerprint(split: SVTSplit) -> str:
+    """12 hex digits of the sha256 of a split's XML file and of every image file it names, in
+    order: a regenerated SynthSVT (another renderer, another seed) or another copy of SVT gives
+    another fingerprint, the same files the same one."""
+    if not isinstance(split, SVTSplit):
+        raise ValueError(f"split: expected an SVTSplit, got {type(split).__name__}")
+    h = hashlib.sha256(Path(split.xml_path).read_bytes())
+    for im in split:
+        h.update(im.image_name.encode())
+        h.update(Path(im.path).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def finetune_knobs(bundle: ClipBundle, svt_cfg: Mapping[str, Any], train: SVTSplit) -> dict[str, Any]:
     """What a fine-tuning run depends on, for :func:`course_utils.cache.run_dir`: the starting
-    weights (sha256 prefix, pretrained tag, or ``random``) and every ``ft_*`` setting, so a run
-    never resumes from checkpoints that grew out of other weights or other settings."""
+    weights (sha256 prefix, pretrained tag, or ``random``), the training split's files
+    (:func:`split_fingerprint`) and every ``ft_*`` training setting (not ``ft_ablation_live``,
+    which says how many ablation rows a notebook trains), so a run never resumes from
+    checkpoints that grew out of other weights, other data or other settings."""
     start = "random" if bundle.info.get("random_init") else (
         bundle.info.get("sha256", "")[:12] or str(bundle.info.get("pretrained", "openai")))
-    return {"kind": bundle.kind, "start": start,
-            "ft": {k: v for k, v in sorted(dict(svt_cfg).items()) if k.startswith("ft_")}}
+    return {"kind": bundle.kind, "start": start, "train": split_fingerprint(train),
+            "ft": {k: v for k, v in sorted(dict(svt_cfg).items())
+                   if k.startswith("ft_") and k != "ft_ablation_live"}}
 
 
 def best_checkpoint_path(profile: str) -> Path:
@@ -156,3 +180,87 @@ def finetune_and_select(bundle: ClipBundle, train: SVTSplit, test: SVTSplit, svt
     load_checkpoint(checkpoint_path(ckpt_dir, best["epoch"]), model=bundle.model)
     bundle.model.eval()
     return FinetuneResult(ev, train_set, zero, P, rows, best, history)
+
+
+def ft_ablation_rows(svt_cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Notebook 07's ablation of fine-tuning: one knob of the profile's ``svt`` section per row.
+
+    The temperature frozen at its zero-shot value (``ft_logit_scale_lr = 0``: only the embeddings
+    can then move precision); four times the learning rate, with the temperature learnt and
+    frozen; and each of the profile's departures from Table 2.5 undone (weight decay 0.2, one cut
+    per word instead of ``ft_crop_pads``).  Returns ``[{"group", "label", "knobs"}]`` (``knobs``:
+    overrides of ``svt_cfg``), the profile's own run first; rows that would repeat it are left out.
+    """
+    lr, tau_lr = float(svt_cfg["ft_lr"]), float(svt_cfg["ft_logit_scale_lr"])
+    rows = [("this notebook's run", "the profile's settings (section 4)", {})]
+    if tau_lr != 0:
+        rows.append(("temperature", "1/τ frozen at its zero-shot value", {"ft_logit_scale_lr": 0.0}))
+    rows.append(("learning rate", f"{4 * lr:g} (4×), 1/τ learnt" if tau_lr else f"{4 * lr:g} (4×)",
+                 {"ft_lr": 4 * lr}))
+    if tau_lr != 0:
+        rows.append(("learning rate", f"{4 * lr:g} (4×), 1/τ frozen", {"ft_lr": 4 * lr, "ft_logit_scale_lr": 0.0}))
+    if float(svt_cfg["ft_weight_decay"]) != 0.2:
+        rows.append(("Table 2.5", "weight decay 0.2 (Table 2.5's)", {"ft_weight_decay": 0.2}))
+    if tuple(svt_cfg["ft_crop_pads"]) != (0.0,):
+        rows.append(("Table 2.5", "one cut per word (no extra paddings)", {"ft_crop_pads": (0.0,)}))
+    return [{"group": g, "label": lab, "knobs": k} for g, lab, k in rows]
+
+
+def ablation_summary(row: Mapping[str, Any], zero_shot: Mapping[str, Any], best: Mapping[str, Any],
+                     train_s: float) -> dict[str, Any]:
+    """One ablation row's numbers from its zero-shot row and the checkpoint chosen by precision
+    (``best``, a row of :func:`evaluate_checkpoints` with ``precision_at_zero_shot_scale``):
+    ``best_epoch``, precision at the learnt and at the zero-shot temperature and both relative
+    gains, lexicon-50 top-1 and its change (a fraction), ``logit_scale``, and ``train_s``
+    (seconds for zero-shot, fine-tuning and every checkpoint's evaluation)."""
+    missing = {"epoch", "precision", "precision_at_zero_shot_scale", "lexicon50_top1", "logit_scale"} - set(best)
+    if missing or "precision" not in zero_shot or "lexicon50_top1" not in zero_shot:
+        raise ValueError(f"ablation_summary: best row lacks {sorted(missing)} or zero_shot lacks precision / "
+                         "lexicon50_top1 (pass zero_shot= to evaluate_checkpoints)")
+    z, b = zero_shot, best
+    p0 = z["precision"]
+    return {**dict(row), "knobs": {k: list(v) if isinstance(v, tuple) else v for k, v in row["knobs"].items()},
+            "best_epoch": int(b["epoch"]), "precision": b["precision"],
+            "precision_at_zero_shot_scale": b["precision_at_zero_shot_scale"],
+            "precision_gain": b["precision"] / p0 - 1 if p0 else math.nan,
+            "precision_gain_at_zero_shot_temperature": b["precision_at_zero_shot_scale"] / p0 - 1 if p0 else math.nan,
+            "lexicon50_top1": b["lexicon50_top1"], "lexicon50_change": b["lexicon50_top1"] - z["lexicon50_top1"],
+            "logit_scale": b["logit_scale"], "train_s": round(float(train_s), 1)}
+
+
+def run_ft_ablation(load_bundle: Callable[[], ClipBundle], train: SVTSplit, test: SVTSplit,
+                    svt_cfg: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *, seed: int = 0,
+                    verbose: bool = True) -> list[dict[str, Any]]:
+    """Fine-tune a fresh model for every row of :func:`ft_ablation_rows` and summarise it.
+
+    Args:
+        load_bundle: returns the starting CLIP, fresh on each call (each row starts from the
+            same pretrained weights).
+        train, test: the SVT splits.
+        svt_cfg: the profile's ``svt`` section; each row's ``knobs`` override it.
+        rows: the rows to run (a prefix of :func:`ft_ablation_rows`, or all of it).
+        seed: every row's seed (set before it loads its model, so rows differ only in their knob).
+
+    Returns:
+        one :func:`ablation_summary` per row.  Each row runs in a temporary folder (one complete
+        run, no resume), as ``benchmarks/clip_svt.py`` does.
+    """
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("knobs"), Mapping) or not set(row["knobs"]) <= set(svt_cfg):
+            raise ValueError(f"ablation row {i} ({row.get('label')!r}): knobs must override keys of the svt "
+                             f"section, got {row.get('knobs')!r}")
+        cfg = {**dict(svt_cfg), **row["knobs"]}
+        t0 = time.perf_counter()
+        seed_everything(seed)
+        bundle = load_bundle()
+        with tempfile.TemporaryDirectory() as tmp:
+            res = finetune_and_select(bundle, train, test, cfg, Path(tmp) / "run", seed=seed)
+        out.append(ablation_summary(row, res.zero_shot, res.best, time.perf_counter() - t0))
+        if verbose:
+            r = out[-1]
+            print(f"[ablation {i + 1}/{len(rows)}] {row['group']}: {row['label']}  best +{r['best_epoch']}  "
+                  f"precision {r['precision_gain']:+.1%} (at the zero-shot 1/τ {r['precision_gain_at_zero_shot_temperature']:+.1%})"
+                  f"  lexicon-50 {r['lexicon50_top1']:.1%} ({r['lexicon50_change'] * 100:+.1f} points)  {r['train_s']:.0f}s",
+                  flush=True)
+    return out
