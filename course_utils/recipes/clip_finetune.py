@@ -10,7 +10,6 @@ best precision (:func:`best_by`, §2.4.3).  Notebook 07 saves the chosen weights
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import tempfile
@@ -22,11 +21,12 @@ from typing import Any
 
 import torch
 
-from ..cache import cache_root
+from ..cache import cache_root, knobs_hash
 from ..checkpoints import checkpoint_path, load_checkpoint
 from ..clip.evaluation import EvalSet, build_eval_set, evaluate_word_spotting
 from ..clip.finetune import WordCropDataset, checkpoint_epochs, finetune, pair_dataset
 from ..clip.loading import ClipBundle
+from ..clip.small import file_sha256
 from ..clip.wordspotting import TABLE_COLUMNS
 from ..env import seed_everything
 from ..history import History
@@ -53,11 +53,8 @@ def split_fingerprint(split: SVTSplit) -> str:
     another fingerprint, the same files the same one."""
     if not isinstance(split, SVTSplit):
         raise ValueError(f"split: expected an SVTSplit, got {type(split).__name__}")
-    h = hashlib.sha256(Path(split.xml_path).read_bytes())
-    for im in split:
-        h.update(im.image_name.encode())
-        h.update(Path(im.path).read_bytes())
-    return h.hexdigest()[:12]
+    files = [file_sha256(split.xml_path)] + [[im.image_name, file_sha256(im.path)] for im in split]
+    return knobs_hash(files, length=12)
 
 
 def finetune_knobs(bundle: ClipBundle, svt_cfg: Mapping[str, Any], train: SVTSplit) -> dict[str, Any]:
