@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-__all__ = ["FONT_NAMES", "RENDERER_VERSION", "load_font", "render_scene"]
+__all__ = ["FONT_NAMES", "RENDERER_VERSION", "load_font", "render_scene", "word_crop"]
 
 _TTF_FONTS = (
     "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
@@ -231,6 +231,22 @@ def _finish(img: Image.Image, rng: np.random.Generator, noise: float) -> Image.I
     arr = np.asarray(img, dtype=np.float32)
     arr = arr + rng.normal(0.0, noise * rng.uniform(0.3, 1.0), size=arr.shape)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def word_crop(text: str, rng: np.random.Generator, *, text_height: int = 32,
+              fonts: Sequence[str] = FONT_NAMES, noise: float = 6.0, street: bool = True) -> Image.Image:
+    """One sign with ``text`` on it, cut around the word with a loose box (RGB, wider than tall).
+
+    ``street=False`` draws it head-on with no weathering.  The box's margin is 0-15 % of the
+    text height on each side, as a detector or an SVT box would give it.
+    """
+    style = _sample_style(rng, text_height, fonts, street=street)
+    board, boxes = _make_sign([text], style, rng, street=street)
+    board = _finish(board, rng, noise)
+    x1, y1, x2, y2 = boxes[0]
+    m = [int(rng.uniform(0, 0.15) * (y2 - y1)) for _ in range(4)]
+    box = (max(0, x1 - m[0]), max(0, y1 - m[1]), min(board.width, x2 + m[2]), min(board.height, y2 + m[3]))
+    return board.crop(box)
 
 
 def render_scene(words_per_sign: Sequence[Sequence[str]], rng: np.random.Generator,

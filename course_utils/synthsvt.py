@@ -36,11 +36,9 @@ from PIL import Image
 from .signs import (
     FONT_NAMES,
     RENDERER_VERSION,
-    _finish,
-    _make_sign,
-    _sample_style,
     load_font,
     render_scene,
+    word_crop,
 )
 
 __all__ = [
@@ -340,15 +338,8 @@ class WordStream:
 
     def render(self, text: str, rng: np.random.Generator) -> Image.Image:
         """Render ``text`` as one word crop with randomness from ``rng`` (RGB, wider than tall)."""
-        street = self.domain == "street"
-        style = _sample_style(rng, self.text_height, self.fonts, street=street)
-        board, boxes = _make_sign([text], style, rng, street=street)
-        board = _finish(board, rng, self.noise)
-        x1, y1, x2, y2 = boxes[0]
-        # the margin of a loose box: 0-15 % of the text height on each side
-        m = [int(rng.uniform(0, 0.15) * (y2 - y1)) for _ in range(4)]
-        box = (max(0, x1 - m[0]), max(0, y1 - m[1]), min(board.width, x2 + m[2]), min(board.height, y2 + m[3]))
-        return board.crop(box)
+        return word_crop(text, rng, text_height=self.text_height, fonts=self.fonts, noise=self.noise,
+                         street=self.domain == "street")
 
     def __iter__(self) -> Iterator[tuple[Image.Image, str]]:
         i = 0

@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     earlier = init_info["manifest"] if init_info else None
     if earlier:  # an earlier stage's stream counts too
         prev = PairBatches(earlier["seed"], earlier["batch_size"], earlier["hyperparameters"]["random_rate"],
-                           earlier["hyperparameters"].get("domain", "street"))
+                           # manifests older than the domain knob: that stream is today's "frontal"
+                           earlier["hyperparameters"].get("domain", "frontal"))
         for s in range(earlier["steps"]):
             seen.update(prev.texts(s))
     tags = {w.tag for im in split for w in im.words}

@@ -242,11 +242,12 @@ def run_ft_ablation(load_bundle: Callable[[], ClipBundle], train: SVTSplit, test
         one :func:`ablation_summary` per row.  Each row runs in a temporary folder (one complete
         run, no resume), as ``benchmarks/clip_svt.py`` does.
     """
-    out = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows):  # every row checked before the first one trains
         if not isinstance(row.get("knobs"), Mapping) or not set(row["knobs"]) <= set(svt_cfg):
             raise ValueError(f"ablation row {i} ({row.get('label')!r}): knobs must override keys of the svt "
                              f"section, got {row.get('knobs')!r}")
+    out = []
+    for i, row in enumerate(rows):
         cfg = {**dict(svt_cfg), **row["knobs"]}
         t0 = time.perf_counter()
         seed_everything(seed)
