@@ -32,6 +32,9 @@ from .footprint import LIMITS
 from .nbrun import REPO_ROOT, run_notebook
 from .report import write_result
 
+#: how many of the last stack lines a notebook stopped for time prints
+STACK_LINES = 400
+
 
 def _tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
@@ -42,12 +45,14 @@ def run_one(path: Path, timeout_total: float) -> dict:
     cache = Path(os.environ.get("COURSE_CACHE", REPO_ROOT / ".cache" / "fullpath"))
     before = _tree_bytes(cache)
     t = time.perf_counter()
-    res = run_notebook(path, profile="fullpath", timeout_cell=timeout_total, timeout_total=timeout_total)
+    res = run_notebook(path, profile="fullpath", timeout_cell=timeout_total, timeout_total=timeout_total,
+                       dump_stacks=True)
     seconds = time.perf_counter() - t
     # ru_maxrss of the children: the kernel, reaped when run_notebook shut it down (KiB on Linux)
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return {"status": "ok" if res.ok else "failed", "error": res.error, "seconds": round(seconds, 1),
-            "peak_rss_gb": round(rss / 1e9, 2), "cache_growth_gb": round((_tree_bytes(cache) - before) / 1e9, 3)}
+            "peak_rss_gb": round(rss / 1e9, 2), "cache_growth_gb": round((_tree_bytes(cache) - before) / 1e9, 3),
+            **({"stacks": res.stacks} if res.stacks else {})}
 
 
 def estimate_one(number: str) -> dict:
@@ -135,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         row = _child(["--one", str(nb), "--timeout", str(args.timeout)])
         print(f"   {row['status']} in {row.get('seconds', '?')} s" + (f": {row['error']}" if row.get("error") else ""),
               flush=True)
+        stacks = row.pop("stacks", "")
+        if stacks:  # where a notebook that ran out of time was stuck: kernel and workers
+            print("   Python stacks when it was stopped:\n" + "\n".join(
+                "   | " + line for line in stacks.splitlines()[-STACK_LINES:]), flush=True)
         est = row["full_estimate"] = with_host_memory(_child(["--estimate", number]), row)
         if row["status"] != "ok" or est.get("status") == "failed" or est.get("over_limits"):
             failed.append(number)

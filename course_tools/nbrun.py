@@ -17,6 +17,7 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -65,6 +66,9 @@ class RunResult:
     cells_executed: int = 0
     saved_to: Path | None = None
     notebook: nbformat.NotebookNode | None = field(default=None, repr=False)
+    #: the Python stacks of the kernel and its children when the notebook's time ran out
+    #: (``dump_stacks=True``), else ``""``
+    stacks: str = ""
 
 
 class WrappedKernelManager(AsyncKernelManager):
@@ -92,9 +96,10 @@ class WrappedKernelManager(AsyncKernelManager):
 class _Watchdog:
     """Kills the kernel's process group when the notebook's total time is up."""
 
-    def __init__(self, client: NotebookClient, limit_s: float | None) -> None:
+    def __init__(self, client: NotebookClient, limit_s: float | None, dump_stacks: bool = False) -> None:
         self.client = client
         self.limit_s = limit_s
+        self.dump_stacks = dump_stacks
         self.fired = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -127,13 +132,27 @@ class _Watchdog:
         # kernel and whatever it spawned (DataLoader workers, subprocesses) and nothing of ours.
         try:
             pgid = os.getpgid(pid)
-            if pgid != os.getpgid(0):
+            own_group = pgid != os.getpgid(0)
+            if self.dump_stacks:
+                # every process of the kernel's group writes its threads' stacks (STACK_DUMP_LINE),
+                # so that a run that hangs says where
+                os.killpg(pgid, signal.SIGUSR1) if own_group else os.kill(pid, signal.SIGUSR1)
+                time.sleep(1.0)
+            if own_group:
                 os.killpg(pgid, signal.SIGKILL)
             else:
                 os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         return True
+
+
+def stack_dump_line(path: Path) -> str:
+    """The kernel start-up line after which ``SIGUSR1`` makes the kernel, and every process it
+    forks, append all its threads' Python stacks to ``path`` (:mod:`faulthandler`).  Written
+    without assignments, so that the notebook's namespace is untouched."""
+    return (f"__import__('faulthandler').register(__import__('signal').SIGUSR1, "
+            f"file=open({str(path)!r}, 'a'), all_threads=True)")
 
 
 def kernel_env(profile: str, env_extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -160,7 +179,7 @@ def run_notebook(path: str | Path, *, profile: str = "smoke", timeout_cell: floa
                  notebook: nbformat.NotebookNode | None = None,
                  kernel_log: str | Path | None = None,
                  kernel_manager: AsyncKernelManager | None = None,
-                 env: Mapping[str, str] | None = None) -> RunResult:
+                 env: Mapping[str, str] | None = None, dump_stacks: bool = False) -> RunResult:
     """Execute the notebook at ``path`` in a fresh kernel and report what happened.
 
     Args:
@@ -182,6 +201,9 @@ def run_notebook(path: str | Path, *, profile: str = "smoke", timeout_cell: floa
         kernel_manager: start the kernel with this manager (the grader's sandboxed one).
         env: the kernel's whole environment instead of ours plus the profile (``env_extra`` and
             ``COURSE_PROFILE`` are still added).
+        dump_stacks: when the notebook's time runs out, record the Python stacks of the kernel
+            and of every process it started (DataLoader workers) in ``RunResult.stacks`` before
+            killing them (not with ``kernel_manager``: a sandboxed kernel cannot write our files).
     """
     path = Path(path)
     nb = notebook if notebook is not None else nbformat.read(path, as_version=4)
@@ -233,7 +255,15 @@ def run_notebook(path: str | Path, *, profile: str = "smoke", timeout_cell: floa
     log = open(kernel_log, "ab") if kernel_log is not None else None  # noqa: SIM115
     if log is not None:
         launch["stderr"] = launch["stdout"] = log  # handed to Popen by jupyter_client
-    with _Watchdog(client, timeout_total) as watchdog:
+    dump_stacks = dump_stacks and kernel_manager is None
+    stack_file = None
+    if dump_stacks:
+        fd, name = tempfile.mkstemp(prefix="course-stacks-", suffix=".txt")
+        os.close(fd)
+        stack_file = Path(name)
+        client.extra_arguments = [*client.extra_arguments,
+                                  f"--IPKernelApp.exec_lines={stack_dump_line(stack_file)}"]
+    with _Watchdog(client, timeout_total, dump_stacks=dump_stacks) as watchdog:
         try:
             client.execute(**launch)
         except DeadKernelError:
@@ -252,8 +282,14 @@ def run_notebook(path: str | Path, *, profile: str = "smoke", timeout_cell: floa
         error = (f"cell {current['exited']} called exit(), which stops the kernel: the cells "
                  "after it did not run")
     timed_out = watchdog.fired or bool(timed_out_cells)
+    stacks = ""
+    if stack_file is not None:
+        stacks = stack_file.read_text(errors="replace") if watchdog.fired else ""
+        stack_file.unlink(missing_ok=True)
     if watchdog.fired:
-        error = f"notebook ran longer than {_secs(timeout_total)} s and was stopped"
+        running = current["cell"]
+        where = "" if running is None else f" in cell {running} ({_first_line(nb.cells[running].source)[:80]!r})"
+        error = f"notebook ran longer than {_secs(timeout_total)} s and was stopped{where}"
     elif timed_out_cells:
         error = f"cell {timed_out_cells[0]} ran longer than {_secs(timeout_cell)} s and was interrupted"
     elif error is None and cell_errors:
@@ -263,7 +299,7 @@ def run_notebook(path: str | Path, *, profile: str = "smoke", timeout_cell: floa
     ok = error is None
     result = RunResult(path=path, ok=ok, error=error, seconds=seconds, profile=profile,
                        timed_out=timed_out, cell_errors=cell_errors,
-                       cells_executed=client.code_cells_executed, notebook=nb)
+                       cells_executed=client.code_cells_executed, notebook=nb, stacks=stacks)
     if ok and save_to is not None:
         save_to = Path(save_to)
         nbformat.write(nb, save_to)

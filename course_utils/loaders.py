@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,28 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed
 
-__all__ = ["RankShares", "make_loader", "rank_loader", "shuffled_order"]
+__all__ = ["WORKER_START_METHOD", "RankShares", "make_loader", "rank_loader", "shuffled_order", "worker_context"]
+
+#: How DataLoader workers start.  A notebook's kernel runs threads (ipykernel's I/O and control
+#: threads, torch's OpenMP pool); a worker forked from it inherits whatever lock one of them held
+#: at that instant and can wait on it forever.  ``forkserver`` forks every worker from a server
+#: process that has no other thread (Python 3.14's default on Linux for the same reason); the
+#: dataset and ``collate_fn`` reach the workers pickled, so they must be importable objects.
+WORKER_START_METHOD = "forkserver"
+
+
+def worker_context(num_workers: int) -> Any:
+    """The multiprocessing context of a DataLoader with ``num_workers`` workers (``None`` for 0).
+
+    The server imports torch and ``course_utils`` once, so that each worker it forks starts
+    without importing them again.
+    """
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if num_workers == 0:
+        return None
+    multiprocessing.set_forkserver_preload(["torch", "course_utils.loaders"])
+    return multiprocessing.get_context(WORKER_START_METHOD)
 
 
 def make_loader(
@@ -38,7 +60,8 @@ def make_loader(
         generator = torch.Generator()
         generator.manual_seed(shuffle_seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle_seed is not None,
-                      generator=generator, collate_fn=collate_fn, num_workers=num_workers)
+                      generator=generator, collate_fn=collate_fn, num_workers=num_workers,
+                      multiprocessing_context=worker_context(num_workers))
 
 
 def shuffled_order(n: int, shuffle_seed: int) -> list[int]:
@@ -85,4 +108,4 @@ def rank_loader(dataset: Dataset, batch_size: int, collate_fn: Callable[[list[An
     order = shuffled_order(len(dataset), shuffle_seed)  # type: ignore[arg-type]
     shares = RankShares(order, batch_size, distributed.rank(), distributed.world_size())
     return DataLoader(dataset, batch_sampler=shares, collate_fn=collate_fn, num_workers=num_workers,
-                      generator=torch.Generator())
+                      generator=torch.Generator(), multiprocessing_context=worker_context(num_workers))

@@ -69,3 +69,19 @@ def test_headers_take_their_numbers_from_the_results(tmp_path) -> None:
            "0.2 GB disk; its code path runs on 2 CPU cores in `fullpath` in 51 s" in text
     assert "| `cpu` | 128 px | 72 s |" in text  # other rows untouched
     assert json.loads(json.dumps(row))  # the row is plain JSON
+
+
+def test_a_notebook_stopped_for_time_names_its_cell_and_where_it_hung(tmp_path) -> None:
+    from course_tools.nbrun import run_notebook
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_code_cell("import time\n\ndef stuck_here():\n    time.sleep(120)\n\nstuck_here()")]
+    path = tmp_path / "hangs.ipynb"
+    nbformat.write(nb, path)
+    res = run_notebook(path, timeout_cell=None, timeout_total=10, dump_stacks=True)
+    assert not res.ok and res.timed_out
+    assert res.error.startswith("notebook ran longer than 10 s and was stopped in cell 1 ")
+    assert "stuck_here" in res.stacks and "Thread" in res.stacks
+    quiet = run_notebook(path, timeout_cell=None, timeout_total=10)  # the default dumps nothing
+    assert not quiet.ok and quiet.stacks == ""

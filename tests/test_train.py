@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from course_utils.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from course_utils.loaders import WORKER_START_METHOD, make_loader, worker_context
 from course_utils.train import (
     History,
     batch_size_of,
@@ -269,3 +272,38 @@ def test_loader_workers_give_a_repeatable_run() -> None:
     assert _two_epochs(b, num_workers=1).train == with_workers
     assert_same_weights(a, b)
     assert _two_epochs(c).train != with_workers
+
+
+_HELD = threading.Lock()  # held by a thread of the test process while a loader's workers run
+
+
+class _NeedsTheLock(torch.utils.data.Dataset):
+    """Takes a module-level lock per item: a worker forked while another thread of the parent
+    holds it would wait forever (the kernel's I/O threads hold locks like this one)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with _HELD:
+            return torch.tensor(float(i))
+
+
+def test_loader_workers_start_from_a_forkserver_not_from_our_threads() -> None:
+    assert worker_context(0) is None
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        worker_context(-1)
+    loader = make_loader(_NeedsTheLock(), 2, None, shuffle_seed=None, num_workers=1)
+    assert loader.multiprocessing_context.get_start_method() == WORKER_START_METHOD == "forkserver"
+    loader.timeout = 60  # a worker stuck on the inherited lock raises instead of hanging the suite
+    release = threading.Event()
+    holder = threading.Thread(target=lambda: (_HELD.acquire(), release.wait(), _HELD.release()))
+    holder.start()
+    try:
+        time.sleep(0.1)
+        assert _HELD.locked()
+        batches = [b.tolist() for b in loader]
+    finally:
+        release.set()
+        holder.join()
+    assert batches == [[0.0, 1.0], [2.0, 3.0]]
