@@ -149,8 +149,13 @@ def _clip_finetune(cfg, args: argparse.Namespace, device: torch.device) -> None:
 
 def _odits(cfg, args: argparse.Namespace, device: torch.device) -> None:
     from .clip.data import load_svt_data  # lazy
-    from .clip.masks import load_mask_source  # lazy
-    from .recipes.odits import load_start_clip, odits_knobs, split_features, train_odits  # lazy
+    from .recipes.odits import (  # lazy
+        load_start_clip,
+        odits_knobs,
+        profile_mask_source,
+        split_features,
+        train_odits,
+    )
     from .svt import word_spotting_vocabulary  # lazy
 
     S, OC = cfg.svt, Section({**cfg.odits, "seed": args.seed})
@@ -164,8 +169,7 @@ def _odits(cfg, args: argparse.Namespace, device: torch.device) -> None:
         _say("notebook 07's checkpoint is missing: ODITS starts from the CLIP as loaded "
              "(run the clip-finetune recipe first to start from it)")
     text_emb = bundle.encode_texts(words)
-    source, line = load_mask_source(OC.mask_source, device=device, max_objects=OC.max_objects,
-                                    when_unavailable=cfg.runtime.weights_when_unavailable)
+    source, line = profile_mask_source(OC, device=device, when_unavailable=cfg.runtime.weights_when_unavailable)
     _say(f"objects: {line}")
     feats = split_features(bundle, {"train": data.train}, source, words, OC, progress=_progress())["train"]
     for use in (True, False):

@@ -39,12 +39,13 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # the activations kept for backward (about 13 GiB in float32, over a T4's budget).
         "runtime": dict(loader_workers=2, weights_when_unavailable="fallback", mixed_precision=True),
         # seed 004 Ch. 3 (notebook 08): ODITS on the notebook-07 CLIP.  full: SAM ViT-B masks with
-        # Table 3.2's generator settings; cpu/smoke: box masks from the SVT word rectangles.  The
+        # Table 3.2's generator settings; cpu/smoke: the course's small SAM (data/small_sam) through
+        # the same generator, on a points_per_side grid small enough for a CPU.  The
         # shared CLIP towers stay frozen (embeddings computed once), the new layers train with
         # AdamW; class weights (1 + count)^-power for the long-tailed vocabulary.  Without
         # notebook 07's fine-tuned checkpoint, benchmarks/odits.py first fine-tunes with its recipe
         # (finetune_clip_if_missing; off in smoke to stay under a minute).
-        "odits": dict(mask_source="sam", max_objects=32, background="mean", crop=True,
+        "odits": dict(mask_source="sam", points_per_side=32, max_objects=32, background="mean", crop=True,
                       heads=8, ff_mult=2, init="xavier", freeze_clip=True, epochs=20,
                       batch_size=32, lr=5e-4, weight_decay=0.01, class_weight_power=0.5,
                       grad_clip=1.0, seed=0, finetune_clip_if_missing=True),
@@ -108,7 +109,7 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "cpu": {
         "runtime": dict(loader_workers=0, weights_when_unavailable="fallback", mixed_precision=False),
-        "odits": dict(mask_source="boxes", max_objects=8, background="mean", crop=True,
+        "odits": dict(mask_source="small_sam", points_per_side=12, max_objects=8, background="mean", crop=True,
                       heads=4, ff_mult=2, init="xavier", freeze_clip=True, epochs=10,
                       batch_size=16, lr=1e-3, weight_decay=0.01, class_weight_power=0.5,
                       grad_clip=1.0, seed=0, finetune_clip_if_missing=True),
@@ -163,7 +164,7 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "smoke": {
         "runtime": dict(loader_workers=0, weights_when_unavailable="fallback", mixed_precision=False),
-        "odits": dict(mask_source="boxes", max_objects=4, background="mean", crop=True,
+        "odits": dict(mask_source="small_sam", points_per_side=4, max_objects=4, background="mean", crop=True,
                       heads=2, ff_mult=2, init="xavier", freeze_clip=True, epochs=2,
                       batch_size=4, lr=1e-3, weight_decay=0.01, class_weight_power=0.5,
                       grad_clip=1.0, seed=0, finetune_clip_if_missing=False),

@@ -48,6 +48,7 @@ __all__ = [
     "lookalikes",
     "make_lexicon",
     "render_scene",
+    "street_scene",
     "make_synthsvt",
     "make_synthsvt_for_profile",
     "WordStream",
@@ -175,7 +176,9 @@ def make_lexicon(words: Sequence[str], rng: np.random.Generator, size: int = 50,
 # --------------------------------------------------------------------------------------------
 
 
-_SPLIT_IDS = {"train": 0, "test": 1}
+#: the seed word of each stream of scenes: SynthSVT's splits, and the scenes the course's mask
+#: generator trains on (``tools/train_mask_generator.py``), which no split contains
+_SPLIT_IDS = {"train": 0, "test": 1, "masks": 2}
 
 
 def _sample_words(rng: np.random.Generator, vocabulary: Sequence[str], p: np.ndarray,
@@ -191,6 +194,25 @@ def _sample_words(rng: np.random.Generator, vocabulary: Sequence[str], p: np.nda
         cut = int(rng.integers(1, n_words))
         return [words[:cut], words[cut:]]
     return [words]
+
+
+def street_scene(seed: int, stream: str, k: int, *, image_size: tuple[int, int] = (480, 360),
+                 max_words: int = 3, zipf_exponent: float = 1.1, vocabulary: Sequence[str] = STREET_WORDS,
+                 ) -> tuple[Image.Image, list[tuple[str, tuple[int, int, int, int]]], list[list[str]],
+                            np.random.Generator]:
+    """Scene ``k`` of ``stream`` (``"train"``, ``"test"`` or ``"masks"``): SynthSVT's drawing of one image.
+
+    Returns:
+        the RGB scene (``image_size`` = ``(W, H)``), its ``(word, (x1, y1, x2, y2))`` boxes, the words
+        drawn per sign (a sign that did not fit has words but no boxes), and the random generator, drawn from ``np.random.default_rng([seed, stream id, k])``, after the
+        scene (SynthSVT draws the image's lexicon and address from it next).
+    """
+    if stream not in _SPLIT_IDS:
+        raise ValueError(f"street_scene: stream={stream!r}, expected one of {sorted(_SPLIT_IDS)}")
+    rng = np.random.default_rng([seed, _SPLIT_IDS[stream], k])
+    signs = _sample_words(rng, vocabulary, zipf_weights(len(vocabulary), zipf_exponent), max_words)
+    scene, boxes = render_scene(signs, rng, tuple(image_size))
+    return scene, boxes, signs, rng
 
 
 def _image_xml(name: str, address: str, lexicon: Sequence[str], size: tuple[int, int],
@@ -235,13 +257,12 @@ def make_synthsvt(root: str | os.PathLike[str], *, n_train: int = 100, n_test: i
     final, root = root, root.with_name(f".{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(root, ignore_errors=True)
     (root / "img").mkdir(parents=True, exist_ok=True)
-    p = zipf_weights(len(vocabulary), zipf_exponent)
     for split, n in (("train", n_train), ("test", n_test)):
         parts = ['<?xml version="1.0" encoding="utf-8"?>\n<tagset>\n']
         for k in range(n):
-            rng = np.random.default_rng([seed, _SPLIT_IDS[split], k])
-            signs = _sample_words(rng, vocabulary, p, max_words)
-            scene, boxes = render_scene(signs, rng, tuple(image_size))
+            scene, boxes, signs, rng = street_scene(seed, split, k, image_size=tuple(image_size),
+                                                    max_words=max_words, zipf_exponent=zipf_exponent,
+                                                    vocabulary=vocabulary)
             lexicon = make_lexicon([w for w, _ in boxes] or signs[0], rng, lexicon_size, vocabulary,
                                    lookalikes_per_word, zipf_exponent)
             # SVT names images <group>_<index>.jpg; a split prefix keeps train and test apart

@@ -131,8 +131,13 @@ def test_scan_and_query_agnostic_one_then_two_processes_and_the_notebooks_load_t
 
 def test_odits_one_then_two_processes_and_the_notebook_loads_it(cache, capsys):
     from course_utils.clip.data import load_svt_data
-    from course_utils.clip.masks import load_mask_source
-    from course_utils.recipes.odits import load_start_clip, odits_knobs, split_features, train_odits
+    from course_utils.recipes.odits import (
+        load_start_clip,
+        odits_knobs,
+        profile_mask_source,
+        split_features,
+        train_odits,
+    )
     from course_utils.svt import word_spotting_vocabulary
 
     out = _in_process("odits", capsys)
@@ -145,7 +150,7 @@ def test_odits_one_then_two_processes_and_the_notebook_loads_it(cache, capsys):
     data = load_svt_data(S, verbose=False)
     words = word_spotting_vocabulary([data.train, data.test])
     bundle = load_start_clip(S.clip_kind, "smoke")
-    source, _ = load_mask_source(OC.mask_source, max_objects=OC.max_objects)
+    source, _ = profile_mask_source(OC)
     feats = split_features(bundle, {"train": data.train}, source, words, OC)["train"]
     train_odits(bundle.model, feats, words, bundle.encode_texts(words), OC,
                 ckpt_dir=run_dir("08_odits", odits_knobs(bundle.model, feats, words, OC, True)))

@@ -170,5 +170,5 @@ def test_load_mask_source_falls_back_to_boxes_offline(capsys: pytest.CaptureFixt
     assert "[offline]" in capsys.readouterr().out
     src, line = load_mask_source("boxes", max_objects=3)
     assert isinstance(src, BoxMaskSource) and src.max_objects == 3 and "oracle" in line
-    with pytest.raises(ValueError, match="'sam' or 'boxes'"):
+    with pytest.raises(ValueError, match="'sam', 'small_sam' or 'boxes'"):
         load_mask_source("grounding-dino")

@@ -48,14 +48,15 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-EVAL_SEED = 0  # the cpu profile's SynthSVT seed
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+
+from _shared import EVAL_SEED, lr_at, synthsvt_test  # noqa: E402
 
 from course_utils import synthsvt as ss  # noqa: E402
 from course_utils.clip import finetune, loading, small, wordspotting  # noqa: E402
 from course_utils.env import seed_everything  # noqa: E402
-from course_utils.svt import load_svt  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # the stream of training batches
@@ -122,19 +123,6 @@ def _collate(item):  # the dataset already returns whole batches
 # --------------------------------------------------------------------------------------------
 
 
-def synthsvt_test(n_images: int, seed: int) -> "object":
-    """The SynthSVT test split of the ``cpu`` profile (first ``n_images`` images), cached in /tmp."""
-    from course_utils.profiles import get_config
-
-    cfg = get_config("cpu").svt
-    assert cfg["seed"] == EVAL_SEED, "the manifest reports EVAL_SEED: keep them equal"
-    root = Path(tempfile.gettempdir()) / f"synthsvt_cpu_seed{cfg['seed']}"
-    ss.make_synthsvt_for_profile(root, cfg)
-    split = load_svt(root, "test")
-    split.images = split.images[:n_images]
-    return split
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split) -> dict[str, float]:
     """Lexicon-50 top-1 word-spotting accuracy of ``model`` on the word crops of ``split``."""
@@ -152,14 +140,6 @@ def evaluate(model: torch.nn.Module, split) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------------
-
-
-def lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
-    """Linear warm-up then cosine decay to 2 % of ``lr``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -227,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, args.steps), num_workers=args.workers,
                                          collate_fn=_collate, prefetch_factor=4 if args.workers else None,
                                          persistent_workers=False)
-    split = synthsvt_test(args.eval_images, args.seed)
+    split = synthsvt_test(args.eval_images)
     print(f"pretraining small CLIP: {args.steps} steps x {args.batch_size}, lr {args.lr}, seed {args.seed}, "
           f"{args.threads} threads; eval on {len(split)} SynthSVT test images", flush=True)
 

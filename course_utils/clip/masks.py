@@ -1,4 +1,4 @@
-"""Object masks for ODITS (notebook 08, seed 004 §3.1 and Table 3.2): one interface, three sources.
+"""Object masks for ODITS (notebook 08, seed 004 §3.1 and Table 3.2): one interface, four sources.
 
 ODITS needs, for every image ``X`` of size ``H x W``, a set of ``K`` binary object masks
 ``M ∈ {0, 1}^{K x H x W}`` and one confidence ``c_j`` per object (Table 3.1's ``conf``).  Every
@@ -8,8 +8,11 @@ mask source here returns exactly that as an :class:`ObjectMasks`:
   the thesis's Table 3.2 (:data:`TABLE_3_2`) on SAM ViT-B, whose weights come through the data
   registry with their sha256 (:func:`load_sam_vit_b`).  The confidence is SAM's own predicted
   IoU.  This is the ``full`` profile's source: on a CPU one 1024 px image takes minutes.
+* the course's small SAM (:mod:`course_utils.clip.small_sam`): SAM's architecture with half a
+  million parameters, trained by the course on SynthSVT's words (``tools/train_mask_generator.py``)
+  and run through the same :class:`SamMaskSource`.  The ``cpu`` and ``smoke`` profiles' source.
 * :class:`BoxMaskSource` — rectangles as masks: SVT's word boxes (``taggedRectangles``) or any
-  detector's boxes and scores.  The offline default.  With SVT boxes it is an *oracle*: the
+  detector's boxes and scores.  With SVT boxes it is an *oracle*: the
   objects are exactly the words to find, so what it measures is an upper bound of what a
   perfect text detector would give ODITS; notebooks must say so next to its numbers.
 * :func:`tiny_sam` — a small randomly initialised ``Sam`` built from
@@ -26,7 +29,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -34,15 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
-from segment_anything.modeling import (
-    ImageEncoderViT,
-    MaskDecoder,
-    PromptEncoder,
-    Sam,
-    TwoWayTransformer,
-)
 
 from ..registry import WHEN_UNAVAILABLE, fetch_or_fallback
+from .small_sam import build_sam, load_small_sam
 
 __all__ = [
     "TABLE_3_2",
@@ -339,9 +335,8 @@ class SamMaskSource:
 def tiny_sam(image_size: int = 64, dim: int = 32, seed: int = 0) -> torch.nn.Module:
     """A small, randomly initialised ``Sam`` for tests (its masks mean nothing).
 
-    Same modules as SAM ViT-B (``ImageEncoderViT``, ``PromptEncoder``, ``MaskDecoder`` with a
-    ``TwoWayTransformer``), shrunk: ``image_size`` px input (long side; a multiple of 16),
-    16 px patches, one global-attention block of width ``dim``.
+    :func:`course_utils.clip.small_sam.build_sam` at test sizes: ``image_size`` px input (long
+    side; a multiple of 16), 16 px patches, one global-attention block of width ``dim``.
 
     Args:
         image_size: the encoder's input size (128 or less keeps a forward pass well under a second).
@@ -350,23 +345,10 @@ def tiny_sam(image_size: int = 64, dim: int = 32, seed: int = 0) -> torch.nn.Mod
     """
     if image_size % 16 or dim % 8:
         raise ValueError(f"tiny_sam: image_size ({image_size}) must be a multiple of 16 and dim ({dim}) of 8")
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        grid = image_size // 16
-        sam = Sam(
-            image_encoder=ImageEncoderViT(
-                img_size=image_size, patch_size=16, embed_dim=dim, depth=1, num_heads=2, mlp_ratio=2,
-                out_chans=dim, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                use_rel_pos=False, window_size=0, global_attn_indexes=(0,)),
-            prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(grid, grid),
-                                         input_image_size=(image_size, image_size), mask_in_chans=8),
-            mask_decoder=MaskDecoder(
-                num_multimask_outputs=3,
-                transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=2 * dim, num_heads=2),
-                transformer_dim=dim, iou_head_depth=2, iou_head_hidden_dim=dim),
-            pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
-        )
-    return sam.eval()
+    return build_sam({"image_size": image_size, "patch_size": 16, "encoder_dim": dim, "encoder_depth": 1,
+                      "encoder_heads": 2, "mlp_ratio": 2.0, "prompt_dim": dim, "mask_in_chans": 8,
+                      "decoder_depth": 1, "decoder_heads": 2, "decoder_mlp_dim": 2 * dim,
+                      "iou_head_hidden_dim": dim}, seed=seed)
 
 
 def load_sam_vit_b(checkpoint: str | Path | None, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -390,13 +372,22 @@ def load_sam_vit_b(checkpoint: str | Path | None, device: str | torch.device = "
 def load_mask_source(kind: str = "boxes", device: str | torch.device = "cpu",
                      max_objects: int | None = None,
                      fetch: Callable[..., tuple[Any, str]] | None = None,
-                     when_unavailable: str = "fallback") -> tuple[MaskSource, str]:
+                     when_unavailable: str = "fallback",
+                     points_per_side: int = TABLE_3_2["points_per_side"],
+                     small_sam_dir: str | Path | None = None) -> tuple[MaskSource, str]:
     """The mask source of a profile, and one line saying what really runs.
 
     Args:
-        kind: ``"sam"`` (SAM ViT-B through the registry entry ``sam_vit_b``, sha256-checked) or
-            ``"boxes"`` (word rectangles).
+        kind: ``"sam"`` (SAM ViT-B through the registry entry ``sam_vit_b``, sha256-checked),
+            ``"small_sam"`` (the course's small SAM trained on SynthSVT, shipped in
+            ``data/small_sam``: :mod:`course_utils.clip.small_sam`) or ``"boxes"`` (word
+            rectangles).  Both SAMs run through ``SamAutomaticMaskGenerator`` with Table 3.2's
+            settings.
         max_objects: cap on objects per image.
+        points_per_side: the generator's point grid (Table 3.2: 32, i.e. 1024 prompts; a size:
+            the ``cpu`` profile uses fewer, since on a CPU upsampling each prompt's masks to the
+            image costs most of the time).
+        small_sam_dir: where the small SAM's weights and manifest are (default ``data/small_sam``).
         fetch: replaces :func:`course_utils.registry.fetch_or_fallback` (tests).
         when_unavailable: what ``"sam"`` uses when the checkpoint cannot be had, after one
             printed line saying why: ``"fallback"`` (box masks, the documented fallback) or
@@ -410,8 +401,21 @@ def load_mask_source(kind: str = "boxes", device: str | torch.device = "cpu",
     if kind == "boxes":
         src = BoxMaskSource(max_objects=max_objects)
         return src, "box masks from the SVT word rectangles (oracle boxes, confidence 1)"
+    if not isinstance(points_per_side, int) or points_per_side < 1:
+        raise ValueError(f"load_mask_source: points_per_side must be a positive int, got {points_per_side!r}")
+    if kind == "small_sam":
+        sam, manifest = load_small_sam(small_sam_dir, device=device)
+        # Table 3.2's two quality thresholds are SAM ViT-B's calibration; the small SAM's own
+        # were chosen on held-out training scenes by tools/train_mask_generator.py
+        thresholds = dict(manifest["generator_thresholds"])
+        desc = (f"the course's small SAM ({manifest['parameters']:,} parameters, trained on "
+                f"{manifest['scenes_seen']:,} SynthSVT street scenes; sha256 {manifest['file_sha256'][:12]}…)")
+        return (SamMaskSource(sam, max_objects=max_objects, description="small SAM",
+                              points_per_side=points_per_side, **thresholds),
+                f"{desc} through SamAutomaticMaskGenerator, {points_per_side}x{points_per_side} points, "
+                f"Table 3.2's settings with its own thresholds {thresholds}")
     if kind != "sam":
-        raise ValueError(f"load_mask_source: kind={kind!r}, expected 'sam' or 'boxes'")
+        raise ValueError(f"load_mask_source: kind={kind!r}, expected 'sam', 'small_sam' or 'boxes'")
     if fetch is None:
         fetch = fetch_or_fallback
     random = when_unavailable == "random"
@@ -423,4 +427,4 @@ def load_mask_source(kind: str = "boxes", device: str | torch.device = "cpu",
         return got, how
     sam = load_sam_vit_b(got, device)
     name = "SAM ViT-B" if got is not None else "SAM ViT-B with RANDOM weights"
-    return SamMaskSource(sam, max_objects=max_objects, description=name), how
+    return SamMaskSource(sam, max_objects=max_objects, description=name, points_per_side=points_per_side), how

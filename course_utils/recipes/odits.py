@@ -4,6 +4,7 @@ Shared by notebook 08 and ``benchmarks/odits.py``:
 
 * :func:`load_start_clip` — the profile's CLIP with notebook 07's fine-tuned weights (§3.2);
 * :func:`finetune_start_clip` — notebook 07's recipe run here when its checkpoint is missing;
+* :func:`profile_mask_source` — the profile's mask source (its kind, grid and object cap);
 * :func:`split_features` — objects and CLIP embeddings of both splits;
 * :func:`train_odits` — ODITS (or its no-object ablation) through :func:`course_utils.train.fit`;
 * :func:`head_to_head` — the four rows of the comparison on the test split, scored with the one
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from ..clip.loading import ClipBundle, load_clip, load_clip_weights
-from ..clip.masks import MaskSource
+from ..clip.masks import MaskSource, load_mask_source
 from ..clip.objects import (
     ObjectFeatureDataset,
     ObjectFeatures,
@@ -45,6 +46,7 @@ __all__ = [
     "finetune_start_clip",
     "head_to_head",
     "load_start_clip",
+    "profile_mask_source",
     "odits_knobs",
     "split_features",
     "train_odits",
@@ -104,6 +106,15 @@ def finetune_start_clip(bundle: ClipBundle, train: SVTSplit, test: SVTSplit, svt
     bundle.weights += line
     bundle.info["finetuned"] = True
     return line
+
+
+def profile_mask_source(cfg: Mapping[str, Any], device: str | torch.device = "cpu",
+                        when_unavailable: str = "fallback") -> tuple[MaskSource, str]:
+    """:func:`course_utils.clip.masks.load_mask_source` with the profile's ``odits`` settings
+    (``mask_source``, ``points_per_side``, ``max_objects``), so that the notebook, the command
+    line and the benchmark extract the same objects (and so find each other's runs)."""
+    return load_mask_source(cfg["mask_source"], device=device, max_objects=cfg["max_objects"],
+                            when_unavailable=when_unavailable, points_per_side=cfg["points_per_side"])
 
 
 def split_features(bundle: ClipBundle, splits: Mapping[str, SVTSplit], source: MaskSource,
