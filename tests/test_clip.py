@@ -406,10 +406,10 @@ def test_pretraining_batches_are_lookalike_pairs_and_deterministic():
 
 def test_pretraining_learning_rate_schedule():
     mod = _pretrain_module()
-    assert mod.lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
-    assert mod.lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
-    assert mod.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
-    assert mod.lr_at(100, 100, 10, 1.0) == pytest.approx(0.02)
+    assert mod._shared.lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert mod._shared.lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert mod._shared.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert mod._shared.lr_at(100, 100, 10, 1.0) == pytest.approx(0.02)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,12 +1,25 @@
-"""What the course's two training scripts share: the evaluation split and the learning-rate schedule."""
+"""What the course's two training scripts share: pinned numerics, the evaluation split and the
+learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from pathlib import Path
 
 EVAL_SEED = 0  # the cpu profile's SynthSVT seed, reported in both manifests
+
+
+def pin_numerics() -> None:
+    """Pin MKL, oneDNN and ATen to their AVX2 code paths; call it *before* torch is imported.
+
+    Results then do not depend on the CPU model (AVX-512 kernels sum in another order than AVX2
+    ones), so the same command writes the same bytes on any x86-64 CPU with AVX2.
+    """
+    os.environ.setdefault("MKL_CBWR", "AVX2")
+    os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
 
 def synthsvt_test(n_images: int):

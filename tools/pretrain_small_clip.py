@@ -26,33 +26,28 @@ command writes the same bytes on any x86-64 CPU with AVX2.
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-# Pin numerical code paths *before* torch loads MKL/oneDNN: results then do not depend on the
-# CPU model (AVX-512 kernels would sum in a different order than AVX2 ones).
-os.environ.setdefault("MKL_CBWR", "AVX2")
-os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "tools"), str(REPO)]
+
+import _shared  # noqa: E402
+
+_shared.pin_numerics()  # before torch loads MKL/oneDNN
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
 import string  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
-
-from _shared import EVAL_SEED, lr_at, synthsvt_test  # noqa: E402
 
 from course_utils import synthsvt as ss  # noqa: E402
 from course_utils.clip import finetune, loading, small, wordspotting  # noqa: E402
@@ -207,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, args.steps), num_workers=args.workers,
                                          collate_fn=_collate, prefetch_factor=4 if args.workers else None,
                                          persistent_workers=False)
-    split = synthsvt_test(args.eval_images)
+    split = _shared.synthsvt_test(args.eval_images)
     print(f"pretraining small CLIP: {args.steps} steps x {args.batch_size}, lr {args.lr}, seed {args.seed}, "
           f"{args.threads} threads; eval on {len(split)} SynthSVT test images", flush=True)
 
@@ -216,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     for step, (x, tokens, _texts) in enumerate(loader, start=start):
         for group in opt.param_groups + opt_tok.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.warmup, args.lr)
+            group["lr"] = _shared.lr_at(step, args.steps, args.warmup, args.lr)
         out = finetune.clip_contrastive_loss(model.encode_image(x), model.encode_text(tokens), model.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
         opt_tok.zero_grad(set_to_none=True)
@@ -281,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_time_s": round(train_time, 1),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "final_metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in final.items()},
-        "eval_split": f"SynthSVT test of the cpu profile (seed {EVAL_SEED}), {len(split)} images",
+        "eval_split": f"SynthSVT test of the cpu profile (seed {_shared.EVAL_SEED}), {len(split)} images",
         "pretraining_overlap": {
             "distinct_texts_in_stream": len(seen),
             "test_tags_in_stream": len(tags & seen),

@@ -30,21 +30,23 @@ paths, so the same command writes the same bytes on any x86-64 CPU with AVX2.
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-# Pin numerical code paths *before* torch loads MKL/oneDNN (see tools/pretrain_small_clip.py).
-os.environ.setdefault("MKL_CBWR", "AVX2")
-os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "tools"), str(REPO)]
+
+import _shared  # noqa: E402
+
+_shared.pin_numerics()  # before torch loads MKL/oneDNN
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -53,12 +55,6 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from segment_anything.utils.transforms import ResizeLongestSide  # noqa: E402
 from torchvision.ops import box_iou, sigmoid_focal_loss  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
-
-from _shared import EVAL_SEED, lr_at, synthsvt_test  # noqa: E402
 
 from course_utils import synthsvt as ss  # noqa: E402
 from course_utils.clip import small_sam  # noqa: E402
@@ -308,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, collate_fn=_stack, num_workers=args.workers,
                                          prefetch_factor=4 if args.workers else None,
                                          multiprocessing_context=worker_context(args.workers))
-    split = synthsvt_test(args.eval_images)
+    split = _shared.synthsvt_test(args.eval_images)
     n_params = sum(p.numel() for p in sam.parameters())
     print(f"training small SAM ({n_params:,} parameters): {args.steps} steps x {args.batch_size} scenes x "
           f"{args.points} points, lr {args.lr}, seed {args.seed}, {args.threads} threads; "
@@ -318,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     running: dict[str, float] = {}
     for step, (images, points, targets) in enumerate(loader, start=start):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.warmup, args.lr)
+            group["lr"] = _shared.lr_at(step, args.steps, args.warmup, args.lr)
         out = sam_losses(sam, images, points, targets)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -378,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "generator_thresholds": thresholds,
         "calibration": cal,
-        "eval_split": f"SynthSVT test of the cpu profile (seed {EVAL_SEED}), {len(split)} images",
+        "eval_split": f"SynthSVT test of the cpu profile (seed {_shared.EVAL_SEED}), {len(split)} images",
         "final_metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in final.items()},
         "final_metrics_table_3_2_thresholds": {k: (round(v, 4) if isinstance(v, float) else v)
                                                for k, v in table.items()},
