@@ -201,7 +201,8 @@ def estimate_05(cfg: Config) -> Estimate:
     phases += _scan_phases(cfg, data, [("fine", d) for _, d, _, _ in TABLE_4_1], "SCAN rows")
     vocab = data["vocab"]
     feat = int(r.backbone_channels) * int(r.feat_pool) ** 2
-    qa = QueryAgnostic(feat, len(vocab), int(r.word_dim), int(r.embed_dim), int(r.qa_heads))
+    qa = QueryAgnostic(feat, len(vocab), int(r.word_dim), int(r.embed_dim), int(r.qa_heads),
+                       text_tower=str(r.qa_text_tower))
     for level in ("fine", "coarse"):
         k = int(r.k_fine)
 

@@ -19,6 +19,7 @@ from course_utils.matchmap import (
 )
 from course_utils.profiles import get_config
 from course_utils.query_agnostic import (
+    ConvCaptionEncoder,
     DecoderBlock,
     QueryAgnostic,
     contrastive_loss,
@@ -183,6 +184,52 @@ def test_caption_vector_is_the_masked_mean_of_the_padded_words(bidirectional):
     assert torch.allclose(got_sorted, expected[order], atol=1e-6)
     with pytest.raises(ValueError, match="caption 2 is empty"):
         enc.packed_words(tokens, torch.tensor([3, 7, 0, 7, 5, 2]))
+
+
+def test_conv_caption_tower_follows_its_definition():
+    """Each word: ReLU(b + sum_o W[:, :, o] e_(t+o-1)) over its real neighbours, l2-normalised; the
+    caption: the mean over its real words.  Computed here word by word from the layer's weights."""
+    torch.manual_seed(0)
+    enc = ConvCaptionEncoder(20, 6, 8, width=3)
+    lengths = torch.tensor([3, 7, 1, 5])
+    tokens = torch.randint(1, 20, (4, 7))
+    got = enc(tokens, lengths)
+    W, b, E = enc.conv.weight, enc.conv.bias, enc.embed.weight
+    for i, n in enumerate(lengths.tolist()):
+        feats = []
+        for t in range(n):
+            h = b.clone()
+            for o in range(3):
+                j = t + o - 1
+                if 0 <= j < n:  # a neighbour outside the caption (padding or the edge) adds nothing
+                    h = h + W[:, :, o] @ E[tokens[i, j]]
+            feats.append(torch.nn.functional.normalize(torch.relu(h), dim=0))
+        assert torch.allclose(got[i], torch.stack(feats).mean(0), atol=1e-6), i
+    # padding with other (non-zero) token ids, and a longer batch, change nothing
+    longer = torch.cat([tokens, torch.randint(1, 20, (4, 5))], dim=1)
+    assert torch.allclose(enc(longer, lengths), got, atol=1e-6)
+    with pytest.raises(ValueError, match="caption 2 is empty"):
+        enc(tokens, torch.tensor([3, 7, 0, 5]))
+    with pytest.raises(ValueError, match=r"tokens: expected shape \(B, L\)"):
+        enc(tokens[0], lengths)
+    with pytest.raises(ValueError, match="width must be odd"):
+        ConvCaptionEncoder(20, 6, 8, width=2)
+
+
+@pytest.mark.parametrize("tower", ["conv", "bigru"])
+def test_query_agnostic_text_towers(tower):
+    torch.manual_seed(0)
+    model = QueryAgnostic(6, 20, 4, 8, 2, text_tower=tower)
+    lengths = torch.tensor([3, 5, 1])
+    tokens = torch.randint(1, 20, (3, 5))
+    got = model.encode_text(tokens, lengths)
+    want = (model.txt(tokens, lengths) if tower == "conv"
+            else mean_words(model.txt.packed_words(tokens, lengths)))
+    assert isinstance(model.txt, ConvCaptionEncoder if tower == "conv" else CaptionEncoder)
+    assert torch.allclose(got, l2norm(want), atol=1e-6)
+    assert torch.allclose(got.norm(dim=1), torch.ones(3), atol=1e-6)
+    with pytest.raises(ValueError, match="text_tower='lstm', expected one of"):
+        QueryAgnostic(6, 20, 4, 8, 2, text_tower="lstm")
 
 
 def _race_models(cfg):
@@ -385,7 +432,7 @@ def test_query_agnostic_checkpoints_depend_on_its_own_knobs(tmp_path, monkeypatc
     root = run_dir("05_query_agnostic", query_agnostic_knobs(cfg, 0))
     assert root.parent == tmp_path / "runs" and root.name.startswith("05_query_agnostic_")
     for knob, value in (("qa_lr", 0.5), ("qa_epochs", 7), ("qa_alpha", 0.3), ("k_fine", 5), ("qa_layers", 2),
-                        ("qa_ffn_norm", True), ("qa_loss", "triplet-hardest")):
+                        ("qa_ffn_norm", True), ("qa_loss", "triplet-hardest"), ("qa_text_tower", "bigru")):
         assert run_dir("05_query_agnostic", query_agnostic_knobs(dict(cfg, **{knob: value}), 0)) != root, knob
     assert run_dir("05_query_agnostic", query_agnostic_knobs(cfg, 1)) != root
 

@@ -22,8 +22,8 @@ def qa_ablation_rows(cfg: dict) -> list[dict]:
 
     Sizes follow the profile (training length at 1/3, 2/3 and 4/3 of ``qa_epochs``, twice
     ``embed_dim``, twice ``qa_heads``); the other rows flip a switch: the object
-    prior's ``alpha``, a second decoder block, the pre-norm FFN, SCAN's triplet losses, whole
-    captions.  Returns ``[{"group", "label", "knobs" (overrides of cfg), "text_level"}]``, the
+    prior's ``alpha``, a second decoder block, the pre-norm FFN, SCAN's triplet losses, the other
+    caption tower of :data:`~course_utils.query_agnostic.TEXT_TOWERS`, whole captions.  Returns ``[{"group", "label", "knobs" (overrides of cfg), "text_level"}]``, the
     profile's own model first.
     """
     e, d, h = int(cfg["qa_epochs"]), int(cfg["embed_dim"]), int(cfg["qa_heads"])
@@ -41,7 +41,10 @@ def qa_ablation_rows(cfg: dict) -> list[dict]:
                        "triplet-hardest": "triplet, hardest negative (VSE++, SCAN's)",
                        "triplet-sum": "triplet, every negative"}[lo], {"qa_loss": lo}, "fine")
              for lo in QA_LOSSES if lo != cfg["qa_loss"]]
-    rows += [("text tower", "whole captions instead of noun phrases", {}, "coarse")]
+    other = {"conv": "bigru", "bigru": "conv"}[cfg["qa_text_tower"]]
+    rows += [("text tower", {"bigru": "SCAN's bi-GRU instead of the word convolution",
+                             "conv": "a word convolution instead of SCAN's bi-GRU"}[other], {"qa_text_tower": other}, "fine"),
+             ("text tower", "whole captions instead of noun phrases", {}, "coarse")]
     return [{"group": g, "label": lab, "knobs": k, "text_level": t} for g, lab, k, t in rows]
 
 

@@ -55,7 +55,7 @@ from ..scan import (
 from ..train import History, fit
 
 __all__ = ["PAPER_TABLE_4_1", "QA_LOSSES", "TABLE_4_1", "TEXT_LEVELS", "PairSet", "RetrievalData", "build_features",
-           "extract_region_features", "feature_knobs", "qa_inputs", "query_agnostic_knobs",
+           "build_query_agnostic", "extract_region_features", "feature_knobs", "qa_inputs", "query_agnostic_knobs",
            "region_boxes", "run_query_agnostic", "run_variant", "scan_grid_knobs", "train_backbone", "train_matchmap",
            "train_query_agnostic", "train_scan", "variant_config"]
 
@@ -421,9 +421,18 @@ def query_agnostic_knobs(cfg: dict, seed: int = 0, features: dict | None = None)
     ``run_dir("05_query_agnostic", query_agnostic_knobs(cfg, seed))``, one subfolder per text level.
     ``features`` as in :func:`scan_grid_knobs`."""
     keys = ("word_dim", "embed_dim", "batch_size", "qa_alpha", "qa_heads", "qa_epochs", "qa_lr", "qa_layers",
-            "qa_ffn_norm", "qa_loss", "margin")
+            "qa_ffn_norm", "qa_loss", "margin", "qa_text_tower")
     return {"features": feature_knobs(cfg, seed) if features is None else features,
             "train": {k: cfg[k] for k in keys}}
+
+
+def build_query_agnostic(data: RetrievalData, cfg: dict) -> QueryAgnostic:
+    """A freshly initialised (global RNG) :class:`QueryAgnostic` of ``cfg``'s sizes for ``data``'s features
+    and vocabulary, on the CPU.  Also what notebook 05 times the other caption tower with: a
+    forward pass costs the same whatever the weights."""
+    return QueryAgnostic(data.feats["train"]["coarse"].shape[-1], len(data.vocab), int(cfg["word_dim"]),
+                         int(cfg["embed_dim"]), int(cfg["qa_heads"]), layers=int(cfg["qa_layers"]),
+                         ffn_norm=bool(cfg["qa_ffn_norm"]), text_tower=str(cfg["qa_text_tower"]))
 
 
 def run_query_agnostic(data: RetrievalData, cfg: dict, *, text_level: str = "fine", seed: int = 0,
@@ -442,8 +451,7 @@ def run_query_agnostic(data: RetrievalData, cfg: dict, *, text_level: str = "fin
     g, r, keep = qa_inputs(data.feats["train"], size, alpha)
     tok, ln = data.texts["train"][text_level]
     torch.manual_seed(seed)
-    model = QueryAgnostic(g.shape[-1], len(data.vocab), int(cfg["word_dim"]), int(cfg["embed_dim"]),
-                          int(cfg["qa_heads"]), layers=int(cfg["qa_layers"]), ffn_norm=bool(cfg["qa_ffn_norm"]))
+    model = build_query_agnostic(data, cfg)
     t = time.perf_counter()
     hist = train_query_agnostic(model, g, r, keep, tok, ln, data.cap_to_img["train"], epochs=int(cfg["qa_epochs"]),
                                 batch_size=int(cfg["batch_size"]), lr=float(cfg["qa_lr"]), seed=seed,
