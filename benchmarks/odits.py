@@ -8,11 +8,14 @@ through the one evaluator of notebooks 06-08 (``course_utils.clip.wordspotting.t
 
 * **CLIP** — the word–image probabilities of the CLIP ODITS starts from (whole image only);
 * **ODITS** — trained on the train split (shared CLIP towers frozen, new layers learnt);
+* **ODITS, the seed's class-weighted loss** — the same model trained with seed 004's loss
+  instead of the course's written-word mass (``odits.loss``);
 * **ODITS without objects** — the ablation: same layers and training, objects switched off;
 * **objects, no training** — each word scores its best-matching object: what the objects alone
   bring, without any learnt fusion.
 
-Also: object counts per image, the Anderson–Darling table (Table 3.3) on the training split's
+Also: ODITS trained for a third and for twice the profile's epochs (the training-length curve),
+object counts per image, the Anderson–Darling table (Table 3.3) on the training split's
 counts, and wall times.  Writes ``benchmarks/results/odits_<profile>.json``.
 
 Read the numbers honestly: in ``cpu``/``smoke`` the objects come from the course's small SAM
@@ -39,10 +42,13 @@ from course_utils.clip.odits import set_deterministic
 from course_utils.env import get_device
 from course_utils.profiles import get_config, resolve_profile_name
 from course_utils.recipes.odits import (
+    MODEL_NAMES,
+    TRAINED,
     finetune_start_clip,
     head_to_head,
     load_start_clip,
     profile_mask_source,
+    row_settings,
     split_features,
     train_odits,
 )
@@ -111,12 +117,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     test = feats["test"]
     models, runs = {}, {}
-    for name, use in (("odits", True), ("odits_no_objects", False)):
-        models[name], _, runs[name] = train_odits(bundle.model, feats["train"], words, text_emb, oc,
-                                                  use_objects=use, device=device)
+    for name in TRAINED:
+        use, settings = row_settings(oc, name)
+        models[name], _, runs[name] = train_odits(bundle.model, feats["train"], words, text_emb, settings,
+                                                  use_objects=use, device=device, desc=MODEL_NAMES[name])
     t0 = time.perf_counter()
     _, results = head_to_head(models, test, text_emb, scale)
     t_compare = time.perf_counter() - t0
+    # training length: ODITS at a third and at twice the profile's epochs (the curve behind the choice)
+    length = {}
+    for epochs in sorted({max(1, oc.epochs // 3), 2 * oc.epochs} - {oc.epochs}):
+        m, _, run = train_odits(bundle.model, feats["train"], words, text_emb, {**dict(oc), "epochs": epochs},
+                                device=device, desc=f"ODITS, {epochs} epochs")
+        length[epochs] = {**head_to_head({"odits": m}, test, text_emb, scale)[1]["odits"], "train_s": run["train_s"]}
+    length[oc.epochs] = {**results["odits"], "train_s": runs["odits"]["train_s"]}
+    length = {str(e): length[e] for e in sorted(length)}
 
     counts = {s: feats[s].counts.tolist() for s in feats}
     try:
@@ -130,11 +145,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{'model':<22}" + "".join(f"{c:>15}" for c in TABLE_COLUMNS))
     for name, m in results.items():
         print(f"{name:<22}" + "".join(f"{m[c]:>15.4f}" for c in TABLE_COLUMNS))
+    for e, m in length.items():
+        print(f"{'odits, ' + e + ' epochs':<22}" + "".join(f"{m[c]:>15.4f}" for c in TABLE_COLUMNS))
     if ad:
         print("\nTable 3.3 (object counts of the train split)\n" + format_anderson_table(ad))
     print(f"\nobjects per image: {stats}\nwall: features {t_features:.1f}s, total {wall:.1f}s")
 
     label = {"clip": "CLIP (init of ODITS)", "odits": "ODITS", "odits_no_objects": "ODITS without objects",
+             "odits_seed_loss": "ODITS, the seed's class-weighted loss",
              "objects_no_training": "objects, no training (max over objects)"}
     if bundle.info.get("random_init"):  # no shipped weights yet: say it in the table
         label = {k: v + " [random CLIP]" for k, v in label.items()}
@@ -142,13 +160,19 @@ def main(argv: list[str] | None = None) -> dict:
              "ours": round(results[n][c], 4), "paper": None}
             for n in ("clip", "odits", "odits_no_objects", "objects_no_training")
             for c in ("precision", "f1", "lexicon50_top1")]
+    rows += [{"notebook": "08", "experiment": f"{label['odits_seed_loss']}, {data_line.split(' (')[0]} test",
+              "metric": c, "ours": round(results["odits_seed_loss"][c], 4), "paper": None}
+             for c in ("f1", "lexicon50_top1")]
+    rows += [{"notebook": "08", "experiment": f"ODITS trained {e} epochs (profile: {oc.epochs}), "
+              f"{data_line.split(' (')[0]} test", "metric": "f1", "ours": round(m["f1"], 4), "paper": None}
+             for e, m in length.items() if e != str(oc.epochs)]
     for r in ad:
         rows.append({"notebook": "08", "experiment": f"object counts, Anderson–Darling H0 {r['distribution']} "
                      f"({OBJECTS_NAME[oc.mask_source]} objects; paper: SAM on SVT)",
                      "metric": "A² statistic", "ours": round(r["statistic"], 4),
                      "paper": PAPER_AD_EXPON if r["distribution"] == "exponential" else None})
     metrics = _finite({
-        "models": results, "runs": runs, "anderson_darling": ad, "object_counts": counts,
+        "models": results, "runs": runs, "training_length": length, "anderson_darling": ad, "object_counts": counts,
         "object_count_stats": stats,
         "wall_s": {"finetune_clip": t_finetune, "features": t_features, "compare": t_compare, "total": wall,
                    **{f"train_{k}": v["train_s"] for k, v in runs.items()}},

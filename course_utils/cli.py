@@ -150,9 +150,12 @@ def _clip_finetune(cfg, args: argparse.Namespace, device: torch.device) -> None:
 def _odits(cfg, args: argparse.Namespace, device: torch.device) -> None:
     from .clip.data import load_svt_data  # lazy
     from .recipes.odits import (  # lazy
+        MODEL_NAMES,
+        TRAINED,
         load_start_clip,
         odits_knobs,
         profile_mask_source,
+        row_settings,
         split_features,
         train_odits,
     )
@@ -172,11 +175,12 @@ def _odits(cfg, args: argparse.Namespace, device: torch.device) -> None:
     source, line = profile_mask_source(OC, device=device, when_unavailable=cfg.runtime.weights_when_unavailable)
     _say(f"objects: {line}")
     feats = split_features(bundle, {"train": data.train}, source, words, OC, progress=_progress())["train"]
-    for use in (True, False):
-        ckpt = run_dir("08_odits", odits_knobs(bundle.model, feats, words, OC, use))
+    for key in TRAINED:  # the rows notebook 08 trains, under the same checkpoint names
+        use, settings = row_settings(OC, key)
+        ckpt = run_dir("08_odits", odits_knobs(bundle.model, feats, words, settings, use))
         _say(f"checkpoints: {ckpt}")
-        train_odits(bundle.model, feats, words, text_emb, OC, use_objects=use, device=device,
-                    progress=_progress(), ckpt_dir=ckpt, resume=args.resume)
+        train_odits(bundle.model, feats, words, text_emb, settings, use_objects=use, device=device,
+                    progress=_progress(), ckpt_dir=ckpt, resume=args.resume, desc=MODEL_NAMES[key])
 
 
 RECIPES: dict[str, Recipe] = {
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--variant {args.variant}: only for scan, one of {rows}")
     os.environ["COURSE_PROFILE"] = args.profile  # every get_config() of this process sees it
 
-    main_rank = True
+    main_rank, ok = True, False
     try:
         cfg = get_config(args.profile)
         device = distributed.init_from_env(args.device)
@@ -269,11 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"{args.recipe}: profile {cfg.name}, {distributed.world_size()} process(es), device {device}")
         with distributed.peer_failures_named(args.recipe), tracking_to(args.track):
             RECIPES[args.recipe].run(cfg, args, device)
+        ok = True
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one line per rank, then exit 1
         print(f"[rank {distributed.rank()}] {args.recipe} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
-        distributed.shutdown()
+        distributed.shutdown(wait_for_peers=ok)
     if main_rank:
         print(f"{args.recipe}: done", flush=True)
     return 0

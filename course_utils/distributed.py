@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -153,9 +154,21 @@ def init_from_env(device: torch.device | str | None = None) -> torch.device:
     return dev
 
 
-def shutdown() -> None:
-    """Leave the process group (at the end of a command-line run)."""
+def shutdown(wait_for_peers: bool = False) -> None:
+    """Leave the process group (at the end of a command-line run).
+
+    ``wait_for_peers`` (after a run that succeeded on this rank) first waits until every rank is
+    done, so that no rank closes its connections while another still talks over them, then frees
+    what still holds the group (a finished ``DistributedDataParallel`` waiting for the garbage
+    collector) while Python is fully alive: a gloo group that is torn down later, during the
+    interpreter's own exit, can abort the process after its work is done.  After a failure there
+    is no waiting: the other ranks may be stuck in a collective this rank will never join.
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers:
+            with contextlib.suppress(RuntimeError):  # a peer that died is reported by torchrun
+                dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 

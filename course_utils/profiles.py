@@ -42,13 +42,14 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # Table 3.2's generator settings; cpu/smoke: the course's small SAM (data/small_sam) through
         # the same generator, on a points_per_side grid small enough for a CPU.  The
         # shared CLIP towers stay frozen (embeddings computed once), the new layers train with
-        # AdamW; class weights (1 + count)^-power for the long-tailed vocabulary.  Without
+        # AdamW on the written-word mass (loss; "class_weighted" is the seed's loss, with class
+        # weights (1 + count)^-power for the long-tailed vocabulary).  Without
         # notebook 07's fine-tuned checkpoint, benchmarks/odits.py first fine-tunes with its recipe
         # (finetune_clip_if_missing; off in smoke to stay under a minute).
         "odits": dict(mask_source="sam", points_per_side=32, max_objects=32, background="mean", crop=True,
                       heads=8, ff_mult=2, init="xavier", freeze_clip=True, epochs=20,
                       batch_size=32, lr=5e-4, weight_decay=0.01, class_weight_power=0.5,
-                      grad_clip=1.0, seed=0, finetune_clip_if_missing=True),
+                      loss="written_mass", grad_clip=1.0, seed=0, finetune_clip_if_missing=True),
         # seed 004 Ch. 2 (notebooks 06-07): SVT word spotting with CLIP.  Real SVT when present,
         # else SynthSVT (100 train / 249 test like the seed); ViT-B/32 fine-tuned with Table 2.5
         # (Adam 5e-5, betas 0.9/0.98, eps 1e-6, wd 0.2, batch 128), checkpoints at the seed's epochs.
@@ -109,10 +110,11 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "cpu": {
         "runtime": dict(loader_workers=0, weights_when_unavailable="fallback", mixed_precision=False),
+        # 30 epochs: on 20 held-out *training* images ODITS's F1 levels off after about 30
         "odits": dict(mask_source="small_sam", points_per_side=12, max_objects=8, background="mean", crop=True,
-                      heads=4, ff_mult=2, init="xavier", freeze_clip=True, epochs=10,
+                      heads=4, ff_mult=2, init="xavier", freeze_clip=True, epochs=30,
                       batch_size=16, lr=1e-3, weight_decay=0.01, class_weight_power=0.5,
-                      grad_clip=1.0, seed=0, finetune_clip_if_missing=True),
+                      loss="written_mass", grad_clip=1.0, seed=0, finetune_clip_if_missing=True),
         # Fine-tuning the small CLIP: Table 2.5's Adam, but no weight decay (the coupled L2 penalty
         # lowers lexicon-50), each training crop cut at 4 paddings, and the temperature learnt at
         # 1e-2 (it starts at 1/tau = 41; ViT-B/32's sits at the cap).  Each choice is a row of
@@ -167,7 +169,7 @@ _PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "odits": dict(mask_source="small_sam", points_per_side=4, max_objects=4, background="mean", crop=True,
                       heads=2, ff_mult=2, init="xavier", freeze_clip=True, epochs=2,
                       batch_size=4, lr=1e-3, weight_decay=0.01, class_weight_power=0.5,
-                      grad_clip=1.0, seed=0, finetune_clip_if_missing=False),
+                      loss="written_mass", grad_clip=1.0, seed=0, finetune_clip_if_missing=False),
         "svt": dict(n_train=6, n_test=8, image_size=(160, 120), seed=0, lexicon_size=50,
                     max_words=3, clip_kind="small", eval_batch_size=16,
                     ft_epochs=1, ft_batch_size=8, ft_lr=5e-5, ft_betas=(0.9, 0.98), ft_eps=1e-6,

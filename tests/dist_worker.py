@@ -108,7 +108,7 @@ def main() -> int:
     finally:
         report["written"] = [w for w in written if str(out) in w]
         (out / f"rank{report['rank']}.json").write_text(json.dumps(report))
-        distributed.shutdown() if code == 0 else None
+        distributed.shutdown(wait_for_peers=True) if code == 0 else None
     return code
 
 

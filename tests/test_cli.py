@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _torchrun(recipe: str, cache: Path, nproc: int = 2, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "COURSE_CACHE": str(cache), "COURSE_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "COURSE_DIST_TIMEOUT": "120"}
+           "COURSE_DIST_TIMEOUT": "120", "PYTHONFAULTHANDLER": "1"}  # an abort shows its Python stacks
     env.pop("COURSE_DEVICE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "course_utils.cli", recipe, "--profile", "smoke", *extra]
@@ -142,6 +142,7 @@ def test_odits_one_then_two_processes_and_the_notebook_loads_it(cache, capsys):
 
     out = _in_process("odits", capsys)
     assert "[ODITS] epoch 2/2" in out and "[ODITS without objects] epoch 2/2" in out
+    assert "[ODITS, seed's weighted loss] epoch 2/2" in out
     assert "notebook 07's checkpoint is missing" in out  # no clip-finetune run in this cache
     two = _torchrun("odits", cache)
     assert two.returncode == 0, two.stdout + two.stderr

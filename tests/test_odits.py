@@ -339,6 +339,32 @@ def test_class_weighted_loss() -> None:
     assert zero.item() == 0.0 and zero.requires_grad
 
 
+def test_written_mass_loss_is_minus_log_of_the_written_words_probability() -> None:
+    logits = torch.randn(3, 5, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    y = torch.zeros(3, 5, dtype=torch.bool)
+    y[0, 1] = y[0, 3] = y[1, 2] = True  # image 2 has no written word: left out
+    p = logits.softmax(-1)
+    want = -(torch.log(p[0, 1] + p[0, 3]) + torch.log(p[1, 2])) / 2
+    assert torch.allclose(odits_loss.written_mass_loss(logits, y), want)
+    # one word per image: plain cross-entropy, like the seed's loss with unit weights
+    one = y.clone()
+    one[0, 3] = False
+    assert torch.allclose(odits_loss.written_mass_loss(logits, one), odits_loss.class_weighted_loss(logits, one))
+    # finite where every written word's probability underflows in float32
+    far = torch.full((1, 5), -200.0)
+    far[0, 0] = 200.0
+    hit = torch.zeros(1, 5, dtype=torch.bool)
+    hit[0, 1:3] = True
+    big = odits_loss.written_mass_loss(far, hit)
+    assert torch.isfinite(big) and big.item() > 399
+    zero = odits_loss.written_mass_loss(logits, torch.zeros(3, 5, dtype=torch.bool))
+    assert zero.item() == 0.0 and zero.requires_grad
+    with pytest.raises(ValueError, match=r"written_mass_loss: logits and targets must both be \(B, n\), got \(3, 5\) and \(3, 4\)"):
+        odits_loss.written_mass_loss(logits, y[:, :4])
+    with pytest.raises(ValueError, match=r"odits_step_fn: loss must be one of \('written_mass', 'class_weighted'\), got 'uniform'"):
+        odits_loss.odits_step_fn(None, "uniform")
+
+
 def test_word_class_weights_lift_rare_words() -> None:
     t = torch.zeros(10, 4, dtype=torch.bool)
     t[:, 0] = True  # frequent
@@ -576,7 +602,7 @@ def test_train_odits_leaves_the_clip_untouched_and_is_reproducible(clip: torch.n
     words = [f"W{i}" for i in range(N_WORDS)]
     text = _unit(torch.Generator().manual_seed(99), N_WORDS, D)
     cfg = {"heads": 4, "ff_mult": 2, "init": "xavier", "seed": 3, "freeze_clip": True, "epochs": 3,
-           "batch_size": 2, "lr": 1e-3, "weight_decay": 0.01, "class_weight_power": 0.5, "grad_clip": 1.0}
+           "batch_size": 2, "lr": 1e-3, "weight_decay": 0.01, "class_weight_power": 0.5, "loss": "written_mass", "grad_clip": 1.0}
     before = copy.deepcopy(clip.state_dict())
     m1, h1, info = ro.train_odits(clip, feats, words, text, cfg)
     m2, h2, _ = ro.train_odits(clip, feats, words, text, cfg)

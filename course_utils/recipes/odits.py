@@ -43,18 +43,24 @@ from .clip_finetune import best_checkpoint_path, finetune_and_select
 
 __all__ = [
     "MODEL_NAMES",
+    "TRAINED",
     "finetune_start_clip",
     "head_to_head",
     "load_start_clip",
     "profile_mask_source",
+    "row_settings",
     "odits_knobs",
     "split_features",
     "train_odits",
 ]
 
 #: the rows of the comparison, in order: key -> what it is
-MODEL_NAMES = {"clip": "CLIP", "odits": "ODITS", "odits_no_objects": "ODITS without objects",
-               "objects_no_training": "objects, no training"}
+MODEL_NAMES = {"clip": "CLIP", "odits": "ODITS", "odits_seed_loss": "ODITS, seed's weighted loss",
+               "odits_no_objects": "ODITS without objects", "objects_no_training": "objects, no training"}
+
+#: the trained rows of :data:`MODEL_NAMES`: key -> (use_objects, the ``odits.loss`` it trains with;
+#: None = the profile's)
+TRAINED = {"odits": (True, None), "odits_seed_loss": (True, "class_weighted"), "odits_no_objects": (False, None)}
 
 
 def load_start_clip(kind: str, profile: str, checkpoint: str | Path | None = None,
@@ -136,10 +142,19 @@ def odits_knobs(clip: nn.Module, feats: ObjectFeatures, words: Sequence[str], cf
             "clip": weights_sha256(clip)[:16], "features": tensors_sha256(tensors)[:16], "words": list(words)}
 
 
+def row_settings(cfg: Mapping[str, Any], key: str) -> tuple[bool, dict[str, Any]]:
+    """``(use_objects, settings)`` that train the row ``key`` of :data:`TRAINED` from the
+    profile's ``odits`` section ``cfg`` (the same section with the row's loss, if it has one)."""
+    if key not in TRAINED:
+        raise ValueError(f"row_settings: {key!r} is not a trained row; expected one of {list(TRAINED)}")
+    use_objects, loss = TRAINED[key]
+    return use_objects, {**dict(cfg), **({"loss": loss} if loss else {})}
+
+
 def train_odits(clip: nn.Module, feats: ObjectFeatures, words: Sequence[str], text_emb: torch.Tensor,
                 cfg: Mapping[str, Any], *, use_objects: bool = True, device: str | torch.device | None = None,
                 progress: bool = False, ckpt_dir: str | Path | None = None, resume: bool = True,
-                **model_kwargs: Any) -> tuple[ODITS, History, dict[str, Any]]:
+                desc: str | None = None, **model_kwargs: Any) -> tuple[ODITS, History, dict[str, Any]]:
     """Build ODITS on a deep copy of ``clip`` and train its new layers with the shared loop.
 
     Args:
@@ -147,11 +162,12 @@ def train_odits(clip: nn.Module, feats: ObjectFeatures, words: Sequence[str], te
         feats: the training split's :class:`course_utils.clip.objects.ObjectFeatures`.
         words, text_emb: the vocabulary and its ``(n, d)`` embeddings.
         cfg: the profile's ``odits`` section (heads, ff_mult, init, seed, freeze_clip, epochs,
-            batch_size, lr, weight_decay, class_weight_power, grad_clip).
+            batch_size, lr, weight_decay, loss, class_weight_power, grad_clip).
         use_objects: False trains the ablation without objects.
         device: where to train (default: where ``clip`` is).  ODITS is built on ``clip``'s
             device and :func:`course_utils.train.fit` moves it to ``device``; ``feats`` stay on
             the CPU and fit moves each batch.
+        desc: the name in the progress lines (default "ODITS" or "ODITS without objects").
         ckpt_dir, resume: :func:`course_utils.train.fit`'s (notebook 08 and the command line use
             ``run_dir("08_odits", odits_knobs(...))``, so either finds the other's run).
         model_kwargs: passed to :class:`course_utils.clip.odits.ODITS` (e.g. the notebook's
@@ -168,9 +184,9 @@ def train_odits(clip: nn.Module, feats: ObjectFeatures, words: Sequence[str], te
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     t0 = time.perf_counter()
-    hist = fit(model, odits_step_fn(weights), ObjectFeatureDataset(feats), epochs=cfg["epochs"],
+    hist = fit(model, odits_step_fn(weights, cfg["loss"]), ObjectFeatureDataset(feats), epochs=cfg["epochs"],
                batch_size=cfg["batch_size"], optimizer=opt, seed=cfg["seed"], grad_clip=cfg["grad_clip"],
-               progress=progress, desc="ODITS" if use_objects else "ODITS without objects", device=device,
+               progress=progress, desc=desc or ("ODITS" if use_objects else "ODITS without objects"), device=device,
                ckpt_dir=ckpt_dir, resume=resume, keep_epochs=())  # the latest only: each holds the CLIP
     info = {"train_s": time.perf_counter() - t0, "final_loss": hist.train["loss"][-1],
             "trainable_params": sum(p.numel() for p in params)}
@@ -182,8 +198,8 @@ def head_to_head(models: Mapping[str, ODITS], test: ObjectFeatures, text_emb: to
     """The comparison of notebook 08 on the test split: probabilities and Table 2.6 per model.
 
     Args:
-        models: ``{"odits": ..., "odits_no_objects": ...}`` (keys of :data:`MODEL_NAMES`; either
-            may be missing).
+        models: ``{"odits": ..., "odits_seed_loss": ..., "odits_no_objects": ...}`` (the keys of
+            :data:`TRAINED`; any may be missing).
         test: the test split's features; text_emb: ``(n, d)``; logit_scale: CLIP's ``1/τ``.
 
     Returns:
@@ -194,7 +210,10 @@ def head_to_head(models: Mapping[str, ODITS], test: ObjectFeatures, text_emb: to
     """
     # the matrices are for tables and figures: on the CPU, wherever text_emb and the models are
     P = {"clip": clip_probabilities(test, text_emb, logit_scale).cpu()}
-    P.update({name: predict(models[name], test)["P"] for name in ("odits", "odits_no_objects") if name in models})
+    unknown = set(models) - set(TRAINED)
+    if unknown:
+        raise ValueError(f"head_to_head: models has keys {sorted(unknown)}; expected some of {list(TRAINED)}")
+    P.update({name: predict(models[name], test)["P"] for name in TRAINED if name in models})
     P["objects_no_training"] = object_max_probabilities(test, text_emb, logit_scale).cpu()
     metrics = {name: table_2_6_metrics(p, test.targets, lexicon=test.lexicon, approach1=True)
                for name, p in P.items()}
