@@ -167,7 +167,8 @@ def train_odits(clip: nn.Module, feats: ObjectFeatures, words: Sequence[str], te
         device: where to train (default: where ``clip`` is).  ODITS is built on ``clip``'s
             device and :func:`course_utils.train.fit` moves it to ``device``; ``feats`` stay on
             the CPU and fit moves each batch.
-        desc: the name in the progress lines (default "ODITS" or "ODITS without objects").
+        desc: the name in the progress lines (default: the row's name in :data:`MODEL_NAMES`,
+            "ODITS" or "ODITS without objects").
         ckpt_dir, resume: :func:`course_utils.train.fit`'s (notebook 08 and the command line use
             ``run_dir("08_odits", odits_knobs(...))``, so either finds the other's run).
         model_kwargs: passed to :class:`course_utils.clip.odits.ODITS` (e.g. the notebook's
@@ -186,7 +187,7 @@ def train_odits(clip: nn.Module, feats: ObjectFeatures, words: Sequence[str], te
     t0 = time.perf_counter()
     hist = fit(model, odits_step_fn(weights, cfg["loss"]), ObjectFeatureDataset(feats), epochs=cfg["epochs"],
                batch_size=cfg["batch_size"], optimizer=opt, seed=cfg["seed"], grad_clip=cfg["grad_clip"],
-               progress=progress, desc=desc or ("ODITS" if use_objects else "ODITS without objects"), device=device,
+               progress=progress, desc=desc or MODEL_NAMES["odits" if use_objects else "odits_no_objects"], device=device,
                ckpt_dir=ckpt_dir, resume=resume, keep_epochs=())  # the latest only: each holds the CLIP
     info = {"train_s": time.perf_counter() - t0, "final_loss": hist.train["loss"][-1],
             "trainable_params": sum(p.numel() for p in params)}
